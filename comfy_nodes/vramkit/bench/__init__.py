@@ -1,0 +1,1 @@
+"""`vramkit bench`: kernels measured against torch in the same run (ratios, never absolute targets)."""

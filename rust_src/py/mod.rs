@@ -1,0 +1,49 @@
+//! The binding layer: converts numpy arrays to slices, releases the GIL around kernels, and maps
+//! `CoreError` to Python exceptions. No numerics live here.
+
+mod arrays;
+mod quant;
+
+use crate::error::CoreError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+    m.add_function(wrap_pyfunction!(copy_bytes, m)?)?;
+    quant::register(m)?;
+    Ok(())
+}
+
+/// The vector instruction set the kernels use on this CPU.
+#[pyfunction]
+fn simd_level() -> &'static str {
+    crate::simd::best_isa()
+}
+
+/// A copy of the bytes of a C-contiguous array into a new uint8 array, allocated the way every kernel
+/// allocates its output: the bandwidth roofline `vramkit bench` compares the kernels with.
+#[pyfunction]
+fn copy_bytes<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
+    let bytes = x.call_method1("view", ("uint8",))?.call_method1("reshape", (-1,))?;
+    let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
+    let src = arrays::slice("x", &a)?;
+    arrays::fill_output(py, "out", None, &[src.len()], |dst| {
+        use rayon::prelude::*;
+        dst.par_chunks_mut(crate::quant::TASK_ELEMS * 4)
+            .zip(src.par_chunks(crate::quant::TASK_ELEMS * 4))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        Ok(())
+    })
+}
+
+pub fn to_py_err(e: CoreError) -> PyErr {
+    match e {
+        CoreError::Value(m) | CoreError::NonFinite(m) => PyValueError::new_err(m),
+        CoreError::Type(m) => PyTypeError::new_err(m),
+    }
+}

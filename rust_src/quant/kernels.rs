@@ -1,0 +1,479 @@
+//! The quantize, dequantize and error-statistics kernels (see the module docs of `quant` for the math).
+//!
+//! Each kernel validates its arguments, then runs rayon tasks of `parallel::TASK_ELEMS` elements whose
+//! inner loops are `multiversion!` functions, vectorized for the CPU at hand.
+
+use super::convert::{f32_to_e4m3fn, f32_to_e5m2, E4M3FN_TO_F32, E5M2_TO_F32};
+use super::parallel::{for_each_block_segment, TASK_ELEMS};
+use super::{block_count, Element, Format, OutElement};
+use crate::error::{CoreError, CoreResult};
+use crate::simd::multiversion;
+use rayon::prelude::*;
+
+/// Blocks at least this long are dequantized through a 256-entry table of output values built per block.
+const TABLE_MIN_BLOCK: usize = 1024;
+/// Blocks at least this long are quantized one at a time with the block itself split across threads.
+const SPLIT_BLOCK_MIN: usize = 1 << 18;
+
+/// |x| bits of the largest magnitude; NaN and infinity compare above every finite value.
+const NON_FINITE_BITS: u32 = 0x7F80_0000;
+
+fn check_nonempty(n: usize) -> CoreResult<()> {
+    if n == 0 {
+        return Err(CoreError::Value(
+            "the tensor is empty; quantization needs at least one element".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_same_len(what: &str, got: usize, want: usize) -> CoreResult<()> {
+    if got != want {
+        return Err(CoreError::Value(format!(
+            "{what} has {got} elements, expected {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Unscaled cast to FP8, bit for bit as `torch.Tensor.to(float8_*)` (NaN/inf/overflow included).
+pub fn fp8_cast<T: Element>(fmt: Format, src: &[T], dst: &mut [u8]) -> CoreResult<()> {
+    if !fmt.is_fp8() {
+        return Err(CoreError::Value(
+            "an unscaled cast exists only for the fp8 formats; int8 needs a scale".into(),
+        ));
+    }
+    check_same_len("the output", dst.len(), src.len())?;
+    dst.par_chunks_mut(TASK_ELEMS)
+        .zip(src.par_chunks(TASK_ELEMS))
+        .for_each(|(d, s)| cast(fmt, s, d));
+    Ok(())
+}
+
+/// Scaled quantization with one scale per block of `block_len` elements. Fails on NaN/inf input.
+pub fn quantize<T: Element>(
+    fmt: Format,
+    src: &[T],
+    block_len: usize,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) -> CoreResult<()> {
+    check_nonempty(src.len())?;
+    let n_blocks = block_count(src.len(), block_len)?;
+    check_same_len("the code output", codes.len(), src.len())?;
+    check_same_len("the scale output", scales.len(), n_blocks)?;
+
+    if block_len >= SPLIT_BLOCK_MIN {
+        // Few, long blocks (per-tensor, or huge rows): split each block across the threads.
+        for (b, scale) in scales.iter_mut().enumerate() {
+            let block = &src[b * block_len..(b + 1) * block_len];
+            let amax = block
+                .par_chunks(TASK_ELEMS)
+                .map(amax)
+                .max()
+                .unwrap_or(0);
+            *scale = scale_for(fmt, amax, block, b * block_len)?;
+            let s = *scale;
+            codes[b * block_len..(b + 1) * block_len]
+                .par_chunks_mut(TASK_ELEMS)
+                .zip(block.par_chunks(TASK_ELEMS))
+                .for_each(|(d, x)| encode(fmt, x, s, d));
+        }
+        return Ok(());
+    }
+
+    // Many short blocks (per-channel, per-group): each task owns whole blocks.
+    let blocks_per_task = (TASK_ELEMS / block_len).max(1);
+    let task_len = blocks_per_task * block_len;
+    codes
+        .par_chunks_mut(task_len)
+        .zip(src.par_chunks(task_len))
+        .zip(scales.par_chunks_mut(blocks_per_task))
+        .enumerate()
+        .try_for_each(|(task, ((d, x), s))| quantize_task(fmt, x, block_len, d, s, task * task_len))
+}
+
+multiversion!(fn amax<T: Element>(x: &[T]) -> u32 => amax_bits);
+multiversion!(fn cast<T: Element>(fmt: Format, x: &[T], dst: &mut [u8]) => cast_codes);
+multiversion!(fn encode<T: Element>(fmt: Format, x: &[T], scale: f32, dst: &mut [u8]) => scale_codes);
+multiversion!(fn quantize_task<T: Element>(
+    fmt: Format, x: &[T], block_len: usize, dst: &mut [u8], scales: &mut [f32], offset: usize
+) -> CoreResult<()> => quantize_blocks);
+
+/// Quantizes whole blocks: each block's amax, scale, then codes (the block stays in L1/L2 between).
+#[inline(always)]
+fn quantize_blocks<T: Element>(
+    fmt: Format,
+    x: &[T],
+    block_len: usize,
+    dst: &mut [u8],
+    scales: &mut [f32],
+    offset: usize,
+) -> CoreResult<()> {
+    for (i, ((db, xb), sb)) in dst
+        .chunks_mut(block_len)
+        .zip(x.chunks(block_len))
+        .zip(scales.iter_mut())
+        .enumerate()
+    {
+        *sb = scale_for(fmt, amax_bits(xb), xb, offset + i * block_len)?;
+        scale_codes(fmt, xb, *sb, db);
+    }
+    Ok(())
+}
+
+/// The scale of one block from the bits of its largest magnitude, or the error naming the first
+/// non-finite element (`offset` is the block's position in the whole tensor).
+fn scale_for<T: Element>(fmt: Format, amax: u32, block: &[T], offset: usize) -> CoreResult<f32> {
+    if amax >= NON_FINITE_BITS {
+        let (i, v) = block
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.to_f32().is_finite())
+            .map(|(i, v)| (i, v.to_f32()))
+            .unwrap_or((0, f32::NAN));
+        return Err(CoreError::NonFinite(format!(
+            "the tensor holds {v} at flat index {}; a {} scale needs finite values (replace NaN/Inf, \
+             or use granularity \"none\" for fp8, which casts them as torch does)",
+            offset + i,
+            fmt.name()
+        )));
+    }
+    let scale = f32::from_bits(amax) / fmt.max_value();
+    Ok(if scale == 0.0 { 1.0 } else { scale })
+}
+
+#[inline(always)]
+fn amax_bits<T: Element>(x: &[T]) -> u32 {
+    x.iter()
+        .fold(0u32, |m, v| m.max(v.to_f32().to_bits() & 0x7FFF_FFFF))
+}
+
+/// Casts `x` to fp8 codes without a scale, as torch does (no clamp: overflow gives NaN or inf).
+#[inline(always)]
+fn cast_codes<T: Element>(fmt: Format, x: &[T], dst: &mut [u8]) {
+    match fmt {
+        Format::Fp8E4m3fn => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = f32_to_e4m3fn(v.to_f32());
+            }
+        }
+        Format::Fp8E5m2 => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = f32_to_e5m2(v.to_f32());
+            }
+        }
+        // `fp8_cast` refuses int8 before any task runs.
+        Format::Int8 => {}
+    }
+}
+
+/// Encodes `clamp(x / scale, -fmt_max, fmt_max)` into `dst` (int8: rounded half to even).
+#[inline(always)]
+fn scale_codes<T: Element>(fmt: Format, x: &[T], scale: f32, dst: &mut [u8]) {
+    let m = fmt.max_value();
+    // A select form of clamp: the inputs are finite, and `f32::clamp`'s NaN rules would cost a blend.
+    let prep = |v: T| {
+        let y = v.to_f32() / scale;
+        let y = if y > m { m } else { y };
+        if y < -m {
+            -m
+        } else {
+            y
+        }
+    };
+    match fmt {
+        Format::Fp8E4m3fn => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = f32_to_e4m3fn(prep(v));
+            }
+        }
+        Format::Fp8E5m2 => {
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = f32_to_e5m2(prep(v));
+            }
+        }
+        Format::Int8 => {
+            // Adding 1.5 * 2^23 rounds a float in [-2^22, 2^22] to the nearest integer, ties to even (the
+            // FPU's mode), and leaves that integer in the low mantissa bits: its low byte is the i8 code.
+            const ROUND_MAGIC: f32 = 12_582_912.0;
+            for (d, &v) in dst.iter_mut().zip(x) {
+                *d = (prep(v) + ROUND_MAGIC).to_bits() as u8;
+            }
+        }
+    }
+}
+
+/// Dequantizes `codes` (times their block's scale, when scaled) into `out`.
+pub fn dequantize<O: OutElement>(
+    fmt: Format,
+    codes: &[u8],
+    scales: Option<&[f32]>,
+    block_len: usize,
+    out: &mut [O],
+) -> CoreResult<()> {
+    check_same_len("the output", out.len(), codes.len())?;
+    let (scales, block_len) = resolve_scales(fmt, codes.len(), scales, block_len)?;
+    let decode = decode_table(fmt);
+    let by_table = scales.is_none() || block_len >= TABLE_MIN_BLOCK;
+    for_each_block_segment(out, block_len, |dst, range, block| {
+        let scale = scales.map_or(1.0, |s| s[block]);
+        decode_segment(fmt, &decode, &codes[range], scale, by_table, dst);
+    });
+    Ok(())
+}
+
+multiversion!(fn decode_segment<O: OutElement>(
+    fmt: Format, decode: &[f32; 256], src: &[u8], scale: f32, by_table: bool, dst: &mut [O]
+) => decode_scaled);
+
+/// Writes `decode[code] * scale` for each code, through a table of the 256 results when `by_table` (long
+/// blocks, where building the table costs less than the multiplies it saves).
+#[inline(always)]
+fn decode_scaled<O: OutElement>(
+    fmt: Format,
+    decode: &[f32; 256],
+    src: &[u8],
+    scale: f32,
+    by_table: bool,
+    dst: &mut [O],
+) {
+    if by_table {
+        let table: [O; 256] = std::array::from_fn(|c| O::from_f32(decode[c] * scale));
+        for (d, &c) in dst.iter_mut().zip(src) {
+            *d = table[c as usize];
+        }
+    } else if fmt == Format::Int8 {
+        for (d, &c) in dst.iter_mut().zip(src) {
+            *d = O::from_f32(f32::from(c as i8) * scale);
+        }
+    } else {
+        for (d, &c) in dst.iter_mut().zip(src) {
+            *d = O::from_f32(decode[c as usize] * scale);
+        }
+    }
+}
+
+/// Checks the scales against the codes; with no scales the whole tensor is one block of scale 1.
+fn resolve_scales(
+    fmt: Format,
+    n: usize,
+    scales: Option<&[f32]>,
+    block_len: usize,
+) -> CoreResult<(Option<&[f32]>, usize)> {
+    match scales {
+        None if !fmt.is_fp8() => Err(CoreError::Value(
+            "int8 codes need their scales to be dequantized".into(),
+        )),
+        None => Ok((None, n.max(1))),
+        Some(s) => {
+            let n_blocks = block_count(n, block_len)?;
+            check_same_len("the scales", s.len(), n_blocks)?;
+            Ok((Some(s), block_len))
+        }
+    }
+}
+
+/// code -> f32 value for each of the 256 codes.
+fn decode_table(fmt: Format) -> [f32; 256] {
+    match fmt {
+        Format::Fp8E4m3fn => E4M3FN_TO_F32,
+        Format::Fp8E5m2 => E5M2_TO_F32,
+        Format::Int8 => std::array::from_fn(|c| f32::from(c as u8 as i8)),
+    }
+}
+
+/// How far a quantization is from the tensor it came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ErrorStats {
+    /// Largest |dequantized - original|.
+    pub max_abs: f64,
+    /// Root mean square of the error.
+    pub rmse: f64,
+    /// 10 log10(sum original^2 / sum error^2) in dB; infinite when the error is zero.
+    pub snr_db: f64,
+}
+
+/// Compares `src` with the dequantized codes (in f32, as `dequantize(torch.float32)`), in one pass.
+pub fn error_stats<T: Element>(
+    fmt: Format,
+    src: &[T],
+    codes: &[u8],
+    scales: Option<&[f32]>,
+    block_len: usize,
+) -> CoreResult<ErrorStats> {
+    check_nonempty(src.len())?;
+    check_same_len("the codes", codes.len(), src.len())?;
+    let (scales, block_len) = resolve_scales(fmt, codes.len(), scales, block_len)?;
+    let decode = decode_table(fmt);
+    // (max |err|, sum err^2, sum x^2) of a task's elements, segment by segment (one scale each).
+    let segment = |start: usize, end: usize| -> [f64; 3] {
+        let mut acc = [0f64; 3];
+        let mut pos = start;
+        while pos < end {
+            let block = pos / block_len;
+            let seg_end = ((block + 1) * block_len).min(end);
+            let scale = scales.map_or(1.0, |s| s[block]);
+            let part = stats(&src[pos..seg_end], &codes[pos..seg_end], &decode, scale);
+            acc = merge_stats(acc, part);
+            pos = seg_end;
+        }
+        acc
+    };
+    let n = src.len();
+    let [max_abs, sum_err, sum_ref] = (0..n.div_ceil(TASK_ELEMS))
+        .into_par_iter()
+        .map(|t| segment(t * TASK_ELEMS, ((t + 1) * TASK_ELEMS).min(n)))
+        .reduce(|| [0.0; 3], merge_stats);
+    let snr_db = if sum_err == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (sum_ref / sum_err).log10()
+    };
+    Ok(ErrorStats {
+        max_abs,
+        rmse: (sum_err / n as f64).sqrt(),
+        snr_db,
+    })
+}
+
+fn merge_stats(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    let max = if a[0].is_nan() || b[0].is_nan() {
+        f64::NAN
+    } else {
+        a[0].max(b[0])
+    };
+    [max, a[1] + b[1], a[2] + b[2]]
+}
+
+multiversion!(fn stats<T: Element>(x: &[T], codes: &[u8], decode: &[f32; 256], scale: f32) -> [f64; 3] => stats_segment);
+
+/// (max |err|, sum err^2, sum x^2) over one segment sharing `scale`, in f64.
+#[inline(always)]
+fn stats_segment<T: Element>(x: &[T], codes: &[u8], decode: &[f32; 256], scale: f32) -> [f64; 3] {
+    let mut acc = [0f64; 3];
+    for (&v, &c) in x.iter().zip(codes) {
+        let v = f64::from(v.to_f32());
+        let e = f64::from(decode[c as usize] * scale) - v;
+        acc[0] = if e.abs() > acc[0] || e.is_nan() { e.abs() } else { acc[0] };
+        acc[1] += e * e;
+        acc[2] += v * v;
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::bf16;
+
+    fn ramp(n: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect()
+    }
+
+    #[test]
+    fn int8_per_block_matches_formula() {
+        let x = ramp(4 * 64);
+        let mut codes = vec![0u8; x.len()];
+        let mut scales = vec![0f32; 4 * 2];
+        quantize(Format::Int8, &x, 32, &mut codes, &mut scales).unwrap();
+        for (b, block) in x.chunks(32).enumerate() {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(scales[b], amax / 127.0);
+            for (i, v) in block.iter().enumerate() {
+                let want = (v / scales[b]).round_ties_even().clamp(-127.0, 127.0) as i8;
+                assert_eq!(codes[b * 32 + i] as i8, want);
+            }
+        }
+    }
+
+    #[test]
+    fn all_zero_block_gets_scale_one() {
+        let x = vec![0f32; 64];
+        let mut codes = vec![7u8; 64];
+        let mut scales = vec![0f32; 2];
+        quantize(Format::Fp8E4m3fn, &x, 32, &mut codes, &mut scales).unwrap();
+        assert_eq!(scales, vec![1.0, 1.0]);
+        assert!(codes.iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn non_finite_input_is_an_error_naming_the_index() {
+        let mut x = ramp(128);
+        x[77] = f32::NAN;
+        let mut codes = vec![0u8; 128];
+        let mut scales = vec![0f32; 2];
+        let err = quantize(Format::Int8, &x, 64, &mut codes, &mut scales).unwrap_err();
+        assert!(matches!(&err, CoreError::NonFinite(m) if m.contains("index 77")), "{err}");
+        let mut one = [0f32; 1];
+        let err = quantize(Format::Int8, &x, 128, &mut codes, &mut one).unwrap_err();
+        assert!(matches!(err, CoreError::NonFinite(_)));
+    }
+
+    #[test]
+    fn bad_shapes_are_errors_not_panics() {
+        let x = ramp(100);
+        let mut codes = vec![0u8; 100];
+        let mut scales = vec![0f32; 3];
+        assert!(quantize(Format::Int8, &x, 0, &mut codes, &mut scales).is_err());
+        assert!(quantize(Format::Int8, &x, 33, &mut codes, &mut scales).is_err());
+        assert!(quantize(Format::Int8, &x, 50, &mut codes, &mut scales).is_err());
+        assert!(quantize::<f32>(Format::Int8, &[], 1, &mut [], &mut []).is_err());
+        assert!(fp8_cast(Format::Int8, &x, &mut codes).is_err());
+        let mut out = vec![0f32; 100];
+        assert!(dequantize(Format::Int8, &codes, None, 100, &mut out).is_err());
+        assert!(dequantize(Format::Int8, &codes, Some(&[1.0; 3]), 50, &mut out).is_err());
+    }
+
+    #[test]
+    fn long_blocks_take_the_split_path_and_agree() {
+        let x = ramp(SPLIT_BLOCK_MIN * 2);
+        let mut codes = vec![0u8; x.len()];
+        let mut scales = vec![0f32; 2];
+        quantize(Format::Fp8E5m2, &x, SPLIT_BLOCK_MIN, &mut codes, &mut scales).unwrap();
+        let mut small_codes = vec![0u8; x.len()];
+        let mut small_scales = vec![0f32; 2];
+        let half = SPLIT_BLOCK_MIN;
+        for b in 0..2 {
+            quantize(
+                Format::Fp8E5m2,
+                &x[b * half..(b + 1) * half],
+                half,
+                &mut small_codes[b * half..(b + 1) * half],
+                &mut small_scales[b..b + 1],
+            )
+            .unwrap();
+        }
+        assert_eq!(codes, small_codes);
+        assert_eq!(scales, small_scales);
+    }
+
+    #[test]
+    fn dequantize_paths_agree_and_stats_are_consistent() {
+        let x: Vec<bf16> = ramp(4096).into_iter().map(bf16::from_f32).collect();
+        for fmt in [Format::Int8, Format::Fp8E4m3fn, Format::Fp8E5m2] {
+            for block in [32, 4096] {
+                let mut codes = vec![0u8; x.len()];
+                let mut scales = vec![0f32; x.len() / block];
+                quantize(fmt, &x, block, &mut codes, &mut scales).unwrap();
+                let mut out = vec![0f32; x.len()];
+                dequantize(fmt, &codes, Some(&scales), block, &mut out).unwrap();
+                for (i, &c) in codes.iter().enumerate() {
+                    let v = decode_table(fmt)[c as usize] * scales[i / block];
+                    assert_eq!(out[i].to_bits(), v.to_bits());
+                }
+                let stats = error_stats(fmt, &x, &codes, Some(&scales), block).unwrap();
+                let mut max_abs = 0f64;
+                let mut sum = 0f64;
+                for (o, v) in out.iter().zip(&x) {
+                    let e = f64::from(*o) - f64::from(v.to_f32());
+                    max_abs = max_abs.max(e.abs());
+                    sum += e * e;
+                }
+                assert_eq!(stats.max_abs, max_abs);
+                assert!((stats.rmse - (sum / x.len() as f64).sqrt()).abs() < 1e-12);
+                assert!(stats.snr_db > 15.0, "{fmt:?} {block}: {stats:?}");
+            }
+        }
+    }
+}
