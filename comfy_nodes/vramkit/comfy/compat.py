@@ -114,3 +114,7 @@ def load_device(patcher: Any) -> torch.device:
 def describe() -> str:
     """One line for logs: the ComfyUI version and the quantized-tensor route it offers."""
     return f"ComfyUI {comfyui_version()}, quantized tensors: {quant_backend()}"
+
+
+def torch_device(device: Any) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
