@@ -136,6 +136,10 @@ def error_stats(t: torch.Tensor, q: QTensor) -> dict[str, float]:
         t = t.contiguous()
         codes, scales = _rust_codes(q)
         return dict(_core.error_stats(_as_numpy(t), codes, q.format, scales, q.block_len))
+    return _error_stats_torch(t, q)
+
+
+def _error_stats_torch(t: torch.Tensor, q: QTensor) -> dict[str, float]:
     deq = q.dequantize(torch.float32, device=t.device).double()
     ref = t.double()
     err = deq - ref

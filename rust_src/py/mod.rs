@@ -29,7 +29,9 @@ fn copy_bytes<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
-    let bytes = x.call_method1("view", ("uint8",))?.call_method1("reshape", (-1,))?;
+    let bytes = x
+        .call_method1("view", ("uint8",))?
+        .call_method1("reshape", (-1,))?;
     let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
     let src = arrays::slice("x", &a)?;
     arrays::fill_output(py, "out", None, &[src.len()], |dst| {

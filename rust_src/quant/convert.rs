@@ -71,7 +71,7 @@ pub const fn e4m3fn_to_f32_bits(input: u8) -> u32 {
     } else {
         nonsign.leading_zeros()
     };
-    let renorm_shift = if clz > 4 { clz - 4 } else { 0 };
+    let renorm_shift = clz.saturating_sub(4);
     let inf_nan_mask = ((nonsign.wrapping_add(0x0100_0000) as i32) >> 8) as u32 & 0x7F80_0000;
     let zero_mask = (nonsign.wrapping_sub(1) as i32 >> 31) as u32;
     sign | ((((nonsign << renorm_shift) >> 4).wrapping_add((0x78 - renorm_shift) << 23)
@@ -206,7 +206,10 @@ mod tests {
         assert_eq!(f32_to_e4m3fn(f32::NAN), 0x7F);
         assert_eq!(f32_to_e4m3fn(2f32.powi(-9)), 0x01); // smallest subnormal
         assert_eq!(f32_to_e4m3fn(2f32.powi(-10)), 0x00); // tie to even: zero
-        assert_eq!(f32_to_e4m3fn(f32::from_bits(2f32.powi(-10).to_bits() + 1)), 0x01);
+        assert_eq!(
+            f32_to_e4m3fn(f32::from_bits(2f32.powi(-10).to_bits() + 1)),
+            0x01
+        );
         assert_eq!(f32_to_e4m3fn(2f32.powi(-6)), 0x08); // smallest normal
     }
 
@@ -245,7 +248,10 @@ mod tests {
         for h in 0..=u16::MAX {
             let f = f32::from_bits(f16_to_f32_bits(h));
             assert_eq!(f16_to_f32_fast(h).to_bits(), f.to_bits(), "{h:#x}");
-            assert_eq!(f.to_bits(), half::f16::from_bits(h).to_f32().to_bits() | nan_quiet_bit(f));
+            assert_eq!(
+                f.to_bits(),
+                half::f16::from_bits(h).to_f32().to_bits() | nan_quiet_bit(f)
+            );
             if !f.is_nan() {
                 assert_eq!(f32_to_f16_bits(f), h);
             }
@@ -276,8 +282,16 @@ mod tests {
             if f.is_nan() {
                 continue;
             }
-            assert_eq!(f32_to_f16_bits(f), half::f16::from_f32(f).to_bits(), "{f:e}");
-            assert_eq!(f32_to_bf16_bits(f), half::bf16::from_f32(f).to_bits(), "{f:e}");
+            assert_eq!(
+                f32_to_f16_bits(f),
+                half::f16::from_f32(f).to_bits(),
+                "{f:e}"
+            );
+            assert_eq!(
+                f32_to_bf16_bits(f),
+                half::bf16::from_f32(f).to_bits(),
+                "{f:e}"
+            );
         }
     }
 }

@@ -67,11 +67,7 @@ pub fn quantize<T: Element>(
         // Few, long blocks (per-tensor, or huge rows): split each block across the threads.
         for (b, scale) in scales.iter_mut().enumerate() {
             let block = &src[b * block_len..(b + 1) * block_len];
-            let amax = block
-                .par_chunks(TASK_ELEMS)
-                .map(amax)
-                .max()
-                .unwrap_or(0);
+            let amax = block.par_chunks(TASK_ELEMS).map(amax).max().unwrap_or(0);
             *scale = scale_for(fmt, amax, block, b * block_len)?;
             let s = *scale;
             codes[b * block_len..(b + 1) * block_len]
@@ -355,7 +351,11 @@ fn stats_segment<T: Element>(x: &[T], codes: &[u8], decode: &[f32; 256], scale: 
     for (&v, &c) in x.iter().zip(codes) {
         let v = f64::from(v.to_f32());
         let e = f64::from(decode[c as usize] * scale) - v;
-        acc[0] = if e.abs() > acc[0] || e.is_nan() { e.abs() } else { acc[0] };
+        acc[0] = if e.abs() > acc[0] || e.is_nan() {
+            e.abs()
+        } else {
+            acc[0]
+        };
         acc[1] += e * e;
         acc[2] += v * v;
     }
@@ -368,7 +368,9 @@ mod tests {
     use half::bf16;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect()
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect()
     }
 
     #[test]
@@ -404,7 +406,10 @@ mod tests {
         let mut codes = vec![0u8; 128];
         let mut scales = vec![0f32; 2];
         let err = quantize(Format::Int8, &x, 64, &mut codes, &mut scales).unwrap_err();
-        assert!(matches!(&err, CoreError::NonFinite(m) if m.contains("index 77")), "{err}");
+        assert!(
+            matches!(&err, CoreError::NonFinite(m) if m.contains("index 77")),
+            "{err}"
+        );
         let mut one = [0f32; 1];
         let err = quantize(Format::Int8, &x, 128, &mut codes, &mut one).unwrap_err();
         assert!(matches!(err, CoreError::NonFinite(_)));
@@ -430,7 +435,14 @@ mod tests {
         let x = ramp(SPLIT_BLOCK_MIN * 2);
         let mut codes = vec![0u8; x.len()];
         let mut scales = vec![0f32; 2];
-        quantize(Format::Fp8E5m2, &x, SPLIT_BLOCK_MIN, &mut codes, &mut scales).unwrap();
+        quantize(
+            Format::Fp8E5m2,
+            &x,
+            SPLIT_BLOCK_MIN,
+            &mut codes,
+            &mut scales,
+        )
+        .unwrap();
         let mut small_codes = vec![0u8; x.len()];
         let mut small_scales = vec![0f32; 2];
         let half = SPLIT_BLOCK_MIN;
