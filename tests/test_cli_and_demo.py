@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from torch import nn
+
 from vramkit import cli, demo, demo_model, quant
 from vramkit.qmodules import QuantizedLinear, quantize_linears
 
