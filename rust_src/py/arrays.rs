@@ -1,8 +1,8 @@
 //! Borrowing numpy arrays as slices, with clear errors for what is not accepted.
 
 use numpy::{
-    Element as NpElement, IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyReadwriteArrayDyn,
-    PyUntypedArrayMethods,
+    Element as NpElement, IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn,
+    PyReadwriteArrayDyn, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -60,7 +60,12 @@ pub fn extract_codes<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadonlyArrayDy
 pub fn describe(obj: &Bound<'_, PyAny>) -> String {
     match (obj.getattr("dtype"), obj.getattr("shape")) {
         (Ok(d), Ok(s)) => format!("an array of dtype {d} and shape {s}"),
-        _ => format!("an object of type {}", obj.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())),
+        _ => format!(
+            "an object of type {}",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ),
     }
 }
 
@@ -109,17 +114,25 @@ pub enum OutBuf<'py, T: NpElement> {
 }
 
 impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
-    pub fn new(name: &str, given: Option<Bound<'py, PyArrayDyn<T>>>, shape: &[usize]) -> PyResult<Self> {
+    pub fn new(
+        name: &str,
+        given: Option<Bound<'py, PyArrayDyn<T>>>,
+        shape: &[usize],
+    ) -> PyResult<Self> {
         match given {
             Some(a) => {
                 check_out_shape(name, a.shape(), shape)?;
-                let rw = a.try_readwrite().map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
+                let rw = a
+                    .try_readwrite()
+                    .map_err(|e| PyValueError::new_err(format!("{name}: {e}")))?;
                 if !rw.is_c_contiguous() {
                     return Err(not_contiguous(name));
                 }
                 Ok(Self::Given(rw))
             }
-            None => Ok(Self::Owned(crate::alloc::zeroed_vec(shape.iter().product()))),
+            None => Ok(Self::Owned(crate::alloc::zeroed_vec(
+                shape.iter().product(),
+            ))),
         }
     }
 

@@ -19,7 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// The vector instruction set the kernels use on this CPU.
 #[pyfunction]
 fn simd_level() -> &'static str {
-    crate::simd::best_isa()
+    crate::simd::level().name()
 }
 
 /// A copy of the bytes of a C-contiguous array into a new uint8 array, allocated the way every kernel
@@ -29,7 +29,9 @@ fn copy_bytes<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
-    let bytes = x.call_method1("view", ("uint8",))?.call_method1("reshape", (-1,))?;
+    let bytes = x
+        .call_method1("view", ("uint8",))?
+        .call_method1("reshape", (-1,))?;
     let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
     let src = arrays::slice("x", &a)?;
     arrays::fill_output(py, "out", None, &[src.len()], |dst| {

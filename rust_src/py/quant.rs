@@ -74,7 +74,11 @@ fn quantize<'py>(
 
     let codes_given = out
         .as_ref()
-        .map(|o| o.call_method1("view", ("uint8",))?.cast_into::<PyArrayDyn<u8>>().map_err(PyErr::from))
+        .map(|o| {
+            o.call_method1("view", ("uint8",))?
+                .cast_into::<PyArrayDyn<u8>>()
+                .map_err(PyErr::from)
+        })
         .transpose()
         .map_err(|_| PyValueError::new_err("out must be a numpy uint8 or int8 array"))?;
     let mut codes = OutBuf::new("out", codes_given, &shape)?;
@@ -82,12 +86,15 @@ fn quantize<'py>(
     {
         let c = codes.as_mut_slice("out")?;
         let sc = scales.as_mut_slice("scales_out")?;
-        with_float_slice!(x, "x", |s| py.detach(|| quant::quantize(fmt, s, block_len, c, sc)))
-            .map_err(to_py_err)?;
+        with_float_slice!(x, "x", |s| py
+            .detach(|| quant::quantize(fmt, s, block_len, c, sc)))
+        .map_err(to_py_err)?;
     }
     let codes = match out {
         Some(o) => o,
-        None => codes.finish(py, &shape)?.call_method1("view", (code_dtype,))?,
+        None => codes
+            .finish(py, &shape)?
+            .call_method1("view", (code_dtype,))?,
     };
     Ok((codes, scales.finish(py, &[n_blocks])?))
 }
@@ -119,7 +126,9 @@ fn dequantize<'py>(
             let out = out
                 .map(|o| o.cast_into::<PyArrayDyn<$store>>())
                 .transpose()
-                .map_err(|_| PyValueError::new_err(format!("out must be a numpy array for {out_dtype}")))?;
+                .map_err(|_| {
+                    PyValueError::new_err(format!("out must be a numpy array for {out_dtype}"))
+                })?;
             let arr = fill_output(py, "out", out, &shape, |d: &mut [$store]| {
                 let dst: &mut [$t] = bytemuck::cast_slice_mut(d);
                 quant::dequantize(fmt, c, sc, block_len, dst)
@@ -152,8 +161,9 @@ fn error_stats<'py>(
     let codes = extract_codes(codes)?;
     let c = slice("codes", &codes)?;
     let sc = scales.as_ref().map(|s| slice("scales", s)).transpose()?;
-    let stats = with_float_slice!(x, "x", |s| py.detach(|| quant::error_stats(fmt, s, c, sc, block_len)))
-        .map_err(to_py_err)?;
+    let stats = with_float_slice!(x, "x", |s| py
+        .detach(|| quant::error_stats(fmt, s, c, sc, block_len)))
+    .map_err(to_py_err)?;
     let d = PyDict::new(py);
     d.set_item("max_abs", stats.max_abs)?;
     d.set_item("rmse", stats.rmse)?;

@@ -40,7 +40,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths)) + " |"
+        padded = (v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(values, widths, strict=True))
+        return "| " + " | ".join(padded) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(list(headers)), sep, *(line(r) for r in cells)])

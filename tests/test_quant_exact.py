@@ -1,0 +1,196 @@
+"""Bit-exactness of vramkit.quant against torch's casts, the documented formulas, and float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vramkit import quant
+
+FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of `t` as a signed integer tensor, so NaN payloads compare too."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def all_16bit(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def random_f32_bits(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**31), 2**31, (n,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+F32_EDGES = torch.tensor(
+    [0.0, -0.0, 1.0, -1.0, 448.0, 464.0, 464.0001, 465.0, 480.0, -480.0, 57344.0, 61439.0, 61440.0, 65536.0,
+     2.0**-6, 2.0**-9, 2.0**-10, 2.0**-10 * 1.0000001, 2.0**-14, 2.0**-16, 2.0**-17, 1e-45, -1e-45,
+     float("inf"), float("-inf"), float("nan"), -float("nan"), 3.4e38, -3.4e38],
+    dtype=torch.float32,
+)
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp8_cast_equals_torch_on_every_16bit_value(fmt: str, dtype: torch.dtype) -> None:
+    x = all_16bit(dtype)
+    q = quant.quantize(x, fmt, "none")
+    assert q.data.dtype == torch.uint8 and q.scale is None
+    assert torch.equal(q.data, x.to(FP8[fmt]).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", FP8)
+def test_fp8_cast_equals_torch_on_random_f32_bit_patterns_and_edges(fmt: str) -> None:
+    x = torch.cat([random_f32_bits(1 << 20), F32_EDGES])
+    q = quant.quantize(x, fmt, "none")
+    assert torch.equal(q.data, x.to(FP8[fmt]).view(torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_fp8_dequantize_every_code_equals_torch(fmt: str, dtype: torch.dtype) -> None:
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).repeat(3)
+    q = quant.QTensor(codes, None, fmt, "none", None, codes.shape, torch.float32)
+    expected = codes.view(FP8[fmt]).float().to(dtype)
+    assert torch.equal(bits(q.dequantize(dtype)), bits(expected))
+
+
+def torch_formula(t: torch.Tensor, fmt: str, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula the issue documents, written independently of vramkit.quant."""
+    blocks = t.float().reshape(-1, block_len)
+    fmt_max = quant.FORMAT_MAX[fmt]
+    scale = blocks.abs().amax(dim=1) / fmt_max
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    y = blocks / scale[:, None]
+    if fmt == "int8":
+        data = torch.round(y).clamp(-127, 127).to(torch.int8)
+    else:
+        data = y.clamp(-fmt_max, fmt_max).to(FP8[fmt]).view(torch.uint8)
+    return data.reshape(t.shape), scale
+
+
+def heavy_tailed(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g) * torch.exp(torch.randn(shape, generator=g))
+    return t.to(dtype)
+
+
+GRANULARITY_CASES = [("tensor", None), ("channel", None), ("group", 32), ("group", 64), ("group", 128)]
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITY_CASES)
+def test_scaled_quantize_equals_documented_formula(fmt: str, dtype: torch.dtype, granularity: str,
+                                                   group_size: int | None) -> None:
+    t = heavy_tailed((48, 256), dtype)
+    t[3] = 0  # an all-zero row: scale 1, data 0
+    q = quant.quantize(t, fmt, granularity, group_size)
+    data, scale = torch_formula(t, fmt, q.block_len)
+    assert torch.equal(bits(q.data), bits(data))
+    assert torch.equal(bits(q.scale.reshape(-1)), bits(scale))
+    expected_scale_shape = {"tensor": (), "channel": (48,), "group": (48, 256 // (group_size or 1))}
+    assert tuple(q.scale.shape) == expected_scale_shape[granularity]
+    assert q.data.dtype == (torch.int8 if fmt == "int8" else torch.uint8)
+    if granularity != "tensor":
+        zero_blocks = q.scale.reshape(48, -1)[3]
+        assert torch.all(zero_blocks == 1) and torch.all(q.data[3].view(torch.uint8) == 0)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_int8_matches_a_float64_reference(dtype: torch.dtype) -> None:
+    t = heavy_tailed((64, 512), dtype, seed=3)
+    q = quant.quantize(t, "int8", "group", 64)
+    x = t.double().reshape(-1, 64)
+    amax = x.abs().amax(dim=1)
+    scale64 = (amax.float() / 127).double()  # the scale is defined in float32
+    exact = x / scale64[:, None]
+    ref = torch.round(exact).clamp(-127, 127)
+    got = q.data.reshape(-1, 64).double()
+    differ = got != ref
+    # float32 division may round a quotient onto (or off) a .5 tie; nothing else may differ, and only by 1.
+    near_tie = (exact.abs() - exact.abs().floor() - 0.5).abs() < 1e-5
+    assert torch.all(~differ | near_tie)
+    assert torch.all((got - ref).abs() <= 1)
+    np.testing.assert_array_equal(q.scale.reshape(-1).numpy(), (amax / 127).float().numpy())
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITY_CASES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_dequantize_equals_documented_formula(fmt: str, granularity: str, group_size: int | None,
+                                              out_dtype: torch.dtype) -> None:
+    t = heavy_tailed((32, 384), torch.bfloat16, seed=1)
+    q = quant.quantize(t, fmt, granularity, group_size)
+    values = q.data.float() if fmt == "int8" else q.data.view(FP8[fmt]).float()
+    expected = (values.reshape(-1, q.block_len) * q.scale.reshape(-1, 1)).reshape(t.shape).to(out_dtype)
+    got = q.dequantize(out_dtype)
+    assert got.dtype == out_dtype and got.shape == t.shape
+    assert torch.equal(bits(got), bits(expected))
+    assert q.dequantize().dtype == torch.bfloat16  # default: the original dtype
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("granularity", "group_size"), [("none", None), *GRANULARITY_CASES])
+def test_rust_and_torch_paths_agree_bit_for_bit(fmt: str, dtype: torch.dtype, granularity: str,
+                                                group_size: int | None) -> None:
+    if granularity == "none" and fmt == "int8":
+        pytest.skip("int8 has no unscaled cast")
+    t = heavy_tailed((24, 640), dtype, seed=2)
+    if granularity == "none":  # the cast path must agree on specials and overflow too
+        t.view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e5, -500.0]).to(dtype)
+    rust = quant.quantize(t, fmt, granularity, group_size)
+    torch_path = quant._quantize_torch(t.contiguous(), fmt, granularity, group_size)
+    assert torch.equal(bits(rust.data), bits(torch_path.data))
+    if granularity != "none":
+        assert torch.equal(bits(rust.scale), bits(torch_path.scale))
+    for out in FLOAT_DTYPES:
+        assert torch.equal(bits(rust.dequantize(out)), bits(quant._dequantize_torch(rust, out)))
+
+
+def test_large_tensors_take_the_huge_page_and_split_paths() -> None:
+    # 2^22 elements: outputs over the huge-page threshold and per-tensor blocks split across threads.
+    t = heavy_tailed((1024, 4096), torch.float32, seed=4)
+    for fmt, gran in [("int8", "tensor"), ("fp8_e4m3fn", "channel"), ("fp8_e5m2", "none")]:
+        q = quant.quantize(t, fmt, gran)
+        ref = quant._quantize_torch(t, fmt, gran, None)
+        assert torch.equal(bits(q.data), bits(ref.data))
+        assert torch.equal(bits(q.dequantize(torch.bfloat16)), bits(quant._dequantize_torch(q, torch.bfloat16)))
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITY_CASES)
+def test_error_stats_match_numpy(fmt: str, granularity: str, group_size: int | None) -> None:
+    t = heavy_tailed((16, 512), torch.float16, seed=5)
+    q = quant.quantize(t, fmt, granularity, group_size)
+    stats = quant.error_stats(t, q)
+    x = t.numpy().astype(np.float64)
+    err = q.dequantize(torch.float32).numpy().astype(np.float64) - x
+    assert stats["max_abs"] == pytest.approx(np.abs(err).max(), rel=1e-12)
+    assert stats["rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-9)
+    assert stats["snr_db"] == pytest.approx(10 * np.log10(np.sum(x**2) / np.sum(err**2)), rel=1e-9)
+    torch_stats = quant._error_stats_torch(t, q)
+    for key in stats:
+        assert torch_stats[key] == pytest.approx(stats[key], rel=1e-9)
+
+
+def test_error_stats_of_an_exact_quantization_is_infinite_snr() -> None:
+    t = torch.tensor([[1.0, -2.0, 0.5, 0.0]])
+    q = quant.quantize(t, "fp8_e4m3fn", "none")
+    assert quant.error_stats(t, q) == {"max_abs": 0.0, "rmse": 0.0, "snr_db": float("inf")}
+
+
+def test_quality_ranks_as_expected_on_heavy_tailed_weights() -> None:
+    t = heavy_tailed((128, 1024), torch.bfloat16, seed=6)
+    snr = {
+        (fmt, gran): quant.error_stats(t, quant.quantize(t, fmt, gran, 64 if gran == "group" else None))["snr_db"]
+        for fmt in ("int8", "fp8_e4m3fn")
+        for gran in ("tensor", "channel", "group")
+    }
+    assert snr[("int8", "group")] > snr[("int8", "channel")] > snr[("int8", "tensor")]
+    assert snr[("int8", "group")] > snr[("fp8_e4m3fn", "group")]
