@@ -107,3 +107,23 @@ def _inference_mode() -> Iterator[None]:
     # ComfyUI runs every node under torch.inference_mode(); tests call node code the same way.
     with torch.inference_mode():
         yield
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One ComfyUI server for the whole session (CPU unless CUDA is present), stopped at the end."""
+    import comfy_server
+
+    base = tmp_path_factory.mktemp("comfyui-base")
+    comfy_server.prepare_base(base)
+    running = comfy_server.ComfyServer(Path(COMFYUI_PATH), base, cpu=not torch.cuda.is_available())
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def object_info(server: Any) -> dict[str, Any]:
+    return server.get("/object_info")  # type: ignore[no-any-return]

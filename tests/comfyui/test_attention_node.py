@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 from helpers import rel, sample
+
 from vramkit.comfy import attention_modes, compat, patch
 from vramkit.comfy.nodes import VRAMKitAttention
 
@@ -77,7 +78,7 @@ def test_vramkit_modes_without_vramkit_attention_fail_clearly(tiny, monkeypatch)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", no_attention)
-    with pytest.raises(ValueError, match="need vramkit.attention"):
+    with pytest.raises(ValueError, match=r"need vramkit\.attention"):
         attend(tiny, "chunked")
 
 

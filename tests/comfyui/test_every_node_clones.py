@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import sample
+
 from vramkit.comfy import nodes
 
 CALLS = {

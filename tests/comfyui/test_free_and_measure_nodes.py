@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from helpers import STEPS, sample
+
 from vramkit.comfy import compat, measure
 from vramkit.comfy.nodes import VRAMKitFreeAfter, VRAMKitMeasure, VRAMKitReport
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import sample
+
 from vramkit.comfy import compat, streaming
 from vramkit.comfy.nodes import VRAMKitOffload
 

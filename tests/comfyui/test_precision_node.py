@@ -6,6 +6,7 @@ import pytest
 import tiny_models
 import torch
 from helpers import rel, sample
+
 from vramkit.comfy import precision
 from vramkit.comfy.nodes import VRAMKitPrecision
 
@@ -53,7 +54,7 @@ def test_default_default_is_a_plain_clone(tiny, kind):
 def test_bf16_refused_where_the_device_cannot(tiny, monkeypatch):
     monkeypatch.setattr(precision, "bf16_problem", lambda device: "the GPU cuda:0 has compute capability 7.5")
     for args in (("bf16", "default"), ("default", "bf16")):
-        with pytest.raises(ValueError, match="bf16 refused: the GPU cuda:0 has compute capability 7.5"):
+        with pytest.raises(ValueError, match=r"bf16 refused: the GPU cuda:0 has compute capability 7\.5"):
             set_precision(tiny, *args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import apply_lora, lora_state_dict, rel, sample
+
 from vramkit.comfy import quantize_model, selection, streaming
 from vramkit.comfy.nodes import VRAMKitQuantize
 

@@ -11,6 +11,7 @@ watches what it changes.
 from __future__ import annotations
 
 import collections
+import itertools
 import statistics
 import sys
 import threading
@@ -212,7 +213,7 @@ class MeasureSampling:
         record = Measurement(
             label=self.label, device=str(device), peak_kind=probe.kind, peak_bytes=peak,
             start_bytes=probe.start_bytes, steps=max(len(sigmas) - 1, 0),
-            step_seconds=[b - a for a, b in zip(edges, edges[1:])], load_seconds=pre_run - started,
+            step_seconds=[b - a for a, b in itertools.pairwise(edges)], load_seconds=pre_run - started,
             total_seconds=ended - started, model_bytes=int(patcher.model_size()),
             resident_bytes=int(patcher.loaded_size()), latent_shape=tuple(output.shape),
             fingerprint=fingerprint(output))
