@@ -34,10 +34,9 @@ def free_port() -> int:
 
 def prepare_base(base: Path) -> None:
     """Writes the tiny model files and the custom nodes into `base` (imports ComfyUI in this process)."""
-    from safetensors.torch import save_file
-
     import helpers
     import tiny_models
+    from safetensors.torch import save_file
 
     models = base / "models" / "diffusion_models"
     loras = base / "models" / "loras"

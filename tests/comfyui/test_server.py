@@ -4,8 +4,8 @@ register, every example workflow validates against /object_info, and every API t
 from __future__ import annotations
 
 import pytest
-
 import workflow_tools
+
 from vramkit.comfy import nodes
 
 WORKFLOWS = workflow_tools.names()

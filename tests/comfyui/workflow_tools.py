@@ -80,16 +80,16 @@ def ui_problems(ui: dict[str, Any], info: dict[str, Any]) -> list[str]:
                 problems.append(f"node {node['id']} ({cls}): no widget value for {name}")
                 break
             value = values.pop(0)
-            if len(spec) > 1 and isinstance(spec[1], dict) and spec[1].get("control_after_generate"):
-                if not values or values.pop(0) not in ("fixed", "increment", "decrement", "randomize"):
-                    problems.append(f"node {node['id']} ({cls}): {name} lacks its control_after_generate value")
+            bounds = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            controls = ("fixed", "increment", "decrement", "randomize")
+            if bounds.get("control_after_generate") and (not values or values.pop(0) not in controls):
+                problems.append(f"node {node['id']} ({cls}): {name} lacks its control_after_generate value")
             options = _options(spec)
             if name not in linked and options is not None and name not in FILE_INPUTS and value not in options:
                 problems.append(f"node {node['id']} ({cls}): {name}={value!r} not in {options}")
-            bounds = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if "min" in bounds and value < bounds["min"] or "max" in bounds and value > bounds["max"]:
-                    problems.append(f"node {node['id']} ({cls}): {name}={value} outside its bounds")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if number and (value < bounds.get("min", value) or value > bounds.get("max", value)):
+                problems.append(f"node {node['id']} ({cls}): {name}={value} outside its bounds")
         if values:
             problems.append(f"node {node['id']} ({cls}): {len(values)} widget values too many")
         socket_names = {name for name, _ in specs}
