@@ -208,7 +208,7 @@ def comfy_weight(q: quant.QTensor, dtype: torch.dtype) -> torch.Tensor:
     ``VRAMKitBlockScaledLayout``: ComfyUI's ``TensorWiseINT8Layout`` also quantizes the activations when its
     weight reaches ``F.linear`` (W8A8), while VRAMKit promises weight-only quantization on every version.
     Raises RuntimeError when this ComfyUI has no quantized-tensor registry
-    (check `compat.quant_backend()` first and use `qmodules`' own modules instead).
+    (check `compat.quant_backend()` first and use `quantized_ops`' own modules instead).
     """
     backend = compat.quant_backend()
     if backend == "comfy_kitchen":

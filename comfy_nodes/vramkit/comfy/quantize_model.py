@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import quant
-from . import compat, layouts, patch, qmodules, selection
+from . import compat, layouts, patch, quantized_ops, selection
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -99,7 +99,7 @@ def _candidates(model: Any) -> tuple[list[tuple[str, torch.nn.Module]], dict[str
         module = patch.original_module(model, f"{_ROOT}.{name}")
         if not isinstance(module, _OPS):
             continue
-        if qmodules.is_quantized_op(module):
+        if quantized_ops.is_quantized_op(module):
             refused[name] = "already quantized by VRAMKit"
         elif not hasattr(module, "comfy_cast_weights"):
             refused[name] = "not a ComfyUI op (cannot dequantize on the fly)"
@@ -124,7 +124,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
     validate_scheme(format, granularity, group_size)
     rules = selection.parse_skip_patterns(skip_patterns)
     dtype_override = compute_dtype(compute)
-    route = route or qmodules.default_route()
+    route = route or quantized_ops.default_route()
     if route not in ("comfy", "module"):
         raise ValueError(f"route {route!r} is not 'comfy' or 'module'")
     if route == "comfy" and compat.quant_backend() == "none":
@@ -154,9 +154,9 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
             layer_granularity, layer_group = "channel", None
             report.channel_fallback.append(name)
         q = quant.quantize(weight, format, layer_granularity, layer_group).to(offload)
-        scheme = qmodules.Scheme(format, layer_granularity, layer_group, dtype_override or weight.dtype,
+        scheme = quantized_ops.Scheme(format, layer_granularity, layer_group, dtype_override or weight.dtype,
                                  route)  # type: ignore[arg-type]
-        stand_in = qmodules.quantized_copy(module, q, scheme)
+        stand_in = quantized_ops.quantized_copy(module, q, scheme)
         out.add_object_patch(f"{_ROOT}.{name}", stand_in)
         report.layouts[layouts.layout_name(stand_in.weight) if route == "comfy" else "VRAMKit module"] += 1
         report.quantized.append(name)
