@@ -62,7 +62,7 @@ def test_install_refuses_a_second_entry(comfyui: Path) -> None:
     clone = comfyui / "custom_nodes" / "ComfyUI-VRAMKit"
     clone.mkdir(parents=True)
     shutil.copy(REPO / "__init__.py", clone / "__init__.py")
-    with pytest.raises(FileExistsError, match="already in .* as ComfyUI-VRAMKit"):
+    with pytest.raises(FileExistsError, match=r"already in .* as ComfyUI-VRAMKit"):
         install.install_into_comfyui(comfyui)
 
 
