@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod error;
+pub mod plan;
 mod py;
 pub mod quant;
 pub mod simd;

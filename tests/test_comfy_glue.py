@@ -136,3 +136,18 @@ def test_free_after_refuses_a_string():
     with pytest.raises(TypeError, match="vae must be a ComfyUI CLIP or VAE"):
         unload.patcher_of("ae.safetensors", "vae")
     assert unload.patcher_of(SimpleNamespace(patcher=SimpleNamespace(is_clone=len, model=1)), "clip").model == 1
+
+
+def test_offload_planner_binding():
+    from vramkit import _core
+
+    plan = _core.plan_offload([100, 400, 200, 300], [100, 400, 200, 300], [True] * 4, 1000, 1000, 0, "next_layers")
+    assert plan["resident"] == [False, True, True, False]
+    assert (plan["resident_bytes"], plan["streamed_bytes"], plan["buffer_bytes"]) == (600, 400, 300)
+    assert _core.plan_offload([5], [5], [True], 6, 5, 2, "multiply")["full_load"] is True
+    with pytest.raises(ValueError, match="equally long"):
+        _core.plan_offload([1, 2], [1], [True, True], 10, 3, 0, "multiply")
+    with pytest.raises(ValueError, match="unknown buffer rule"):
+        _core.plan_offload([1], [1], [True], 10, 1, 0, "lifo")
+    with pytest.raises(ValueError, match="cast_bytes 1 is smaller"):
+        _core.plan_offload([2], [1], [True], 10, 2, 0, "multiply")

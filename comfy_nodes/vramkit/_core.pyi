@@ -12,6 +12,7 @@ Conventions shared by every function:
   a dtype that is not accepted. No Rust panic reaches Python.
 """
 
+from collections.abc import Sequence
 from typing import Literal, TypedDict
 
 import numpy as np
@@ -60,3 +61,19 @@ def error_stats(x: FloatArray, codes: CodeArray, fmt: Format, scales: npt.NDArra
                 block_len: int) -> ErrorStats:
     """Error of the dequantized codes (float32) against `x`, in one pass accumulated in float64:
     max |err|, root mean square error, and SNR in dB (`10 log10(sum x^2 / sum err^2)`, inf when exact)."""
+
+class OffloadPlan(TypedDict):
+    resident: list[bool]
+    resident_bytes: int
+    streamed_bytes: int
+    streamed_layers: int
+    unplaced_layers: int
+    buffer_bytes: int
+    full_load: bool
+
+def plan_offload(bytes: Sequence[int], cast_bytes: Sequence[int], streamable: Sequence[bool], budget: int,
+                 model_bytes: int, streams: int, rule: Literal["next_layers", "multiply"]) -> OffloadPlan:
+    """Which layers ComfyUI's legacy loader keeps resident for `budget` bytes (a port of its greedy walk in
+    `ModelPatcher.load`): layers in name order, their weight bytes, the bytes to run them streamed, whether
+    they can stream; `streams` is ComfyUI's NUM_STREAMS, `rule` its buffer sizing ("next_layers" since 0.29,
+    "multiply" in 0.3.7x). A budget above `model_bytes` loads everything."""

@@ -52,7 +52,7 @@ def test_api_twin_runs(server, name):
         assert (server.base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
     texts = {key: out.get("text", [""])[0] for key, out in outputs.items()}
     node_key = next(key for key, node in api.items() if node["class_type"] == SHOWS[name])
-    expected = {"quantize": "Quantized", "offload": "at most", "precision": "Precision:",
+    expected = {"quantize": "Quantized", "offload": "budget 6.00 GB", "precision": "Precision:",
                 "free_after": "Freed after use"}
     if name in expected:
         assert expected[name] in texts[node_key]

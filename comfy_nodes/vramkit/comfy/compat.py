@@ -118,3 +118,8 @@ def describe() -> str:
 
 def torch_device(device: Any) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def model_patcher_class() -> type:
+    """ComfyUI's legacy ModelPatcher class (the one whose loader honours a resident budget)."""
+    return importlib.import_module("comfy.model_patcher").ModelPatcher  # type: ignore[no-any-return]

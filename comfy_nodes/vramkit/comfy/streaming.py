@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from . import compat, patch
+from . import compat, offload_plan, patch
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -153,10 +153,7 @@ def summary(model: Any, budget: int | None, engine: str) -> str:
         return (f"{how}, auto budget: at sampling time the model ({size / 2**20:.0f} MB) keeps resident what "
                 "fits in free VRAM after the full-batch activation estimate and ComfyUI's reserve; the rest "
                 "is streamed per layer.")
-    share = min(1.0, budget / size) if size else 1.0
-    text = (f"{how}: at most {budget / GB:.2f} GB of this {size / 2**20:.0f} MB model stays on {device} "
-            f"(about {share:.0%}, minus ComfyUI's streaming buffer); the rest is streamed per layer each "
-            "step.")
+    text = f"{how}, budget {budget / GB:.2f} GB: {offload_plan.plan(model, budget).describe(str(device))}."
     if device.type == "cpu":
         text += " (This device is the CPU: the weights are in RAM either way.)"
     return text
