@@ -59,7 +59,8 @@ def test_measure_records_a_run_and_report_finds_it(tiny, kind):
     assert numbers["model_bytes"] == tiny.model_size()
     assert numbers["total_seconds"] >= sum(numbers["step_seconds"])
     text = report["ui"]["text"][0]
-    assert text.startswith("int8 test: peak process RAM") and "s/step" in text
+    kind_of_peak = "allocated VRAM" if torch.cuda.is_available() else "process RAM"
+    assert text.startswith(f"int8 test: peak {kind_of_peak}") and "s/step" in text
 
 
 def test_report_without_measurement_says_how_to_get_one(kind, tiny):

@@ -64,6 +64,7 @@ def test_larger_budget_keeps_more_resident(tiny, kind):
     assert large.loaded_size() > small_resident
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto on a GPU depends on its free memory")
 def test_auto_on_cpu_changes_nothing(tiny, kind):
     auto, summary = offload(tiny, 0)
     before = sample(tiny, kind)

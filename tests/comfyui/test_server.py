@@ -3,7 +3,12 @@ register, every example workflow validates against /object_info, and every API t
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import comfy_server
 import pytest
+import torch
 import workflow_tools
 
 from vramkit.comfy import nodes
@@ -73,3 +78,27 @@ def test_bad_input_fails_with_a_clear_message(server):
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors and "pattern #2 is empty" in errors[0]["exception_message"]
     assert errors[0]["node_type"] == "VRAMKitQuantize"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Dynamic VRAM needs an NVIDIA GPU")
+def test_every_workflow_runs_under_dynamic_vram(tmp_path_factory, comfy_version):
+    """ComfyUI 0.29+ pages weights itself on NVIDIA (Dynamic VRAM); every node must work with it, and the
+    offload node must step aside."""
+    if tuple(int(p) for p in comfy_version.split(".")[:2]) < (0, 29):
+        pytest.skip(f"ComfyUI {comfy_version} has no Dynamic VRAM")
+    base = tmp_path_factory.mktemp("comfyui-dynamic")
+    comfy_server.prepare_base(base)
+    running = comfy_server.ComfyServer(Path(os.environ["COMFYUI_PATH"]), base, cpu=False,
+                                       extra_args=("--enable-dynamic-vram",))
+    try:
+        running.wait_ready()
+        for name in WORKFLOWS:
+            _, api = workflow_tools.load(name)
+            entry = running.run_prompt(workflow_tools.tinyfy(api))
+            assert entry["status"]["status_str"] == "success", f"{name}: {entry['status']}"
+            if name == "offload":
+                key = next(k for k, n in api.items() if n["class_type"] == "VRAMKitOffload")
+                assert "Dynamic VRAM is active" in entry["outputs"][key]["text"][0]
+    finally:
+        running.stop()

@@ -49,23 +49,27 @@ class QuantizeReport:
         if self.granularity == "group":
             scheme += f" of {self.group_size}"
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else 1.0
-        text = (f"Quantized {len(self.quantized)} layers to {scheme}: their weights went from "
+        text = (f"Quantized {_layers(len(self.quantized))} to {scheme}: their weights went from "
                 f"{self.bytes_before * mb:.1f} MB to {self.bytes_after * mb:.1f} MB ({ratio:.2f}x smaller, "
                 f"scales included); the model from {self.model_bytes_before * mb:.1f} MB to "
-                f"{self.model_bytes_after * mb:.1f} MB. Kept {len(self.skipped)} layers "
+                f"{self.model_bytes_after * mb:.1f} MB. Kept {_layers(len(self.skipped))} "
                 f"({self.skipped_bytes * mb:.1f} MB) in high precision")
         reasons = Counter(self.skipped.values())
         if reasons:
             text += " (" + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + ")"
         text += "."
         if self.channel_fallback:
-            text += (f" {len(self.channel_fallback)} layers used per-channel scales because "
+            text += (f" {_layers(len(self.channel_fallback))} used per-channel scales because "
                      f"{self.group_size} does not divide their rows.")
         if self.unmatched_patterns:
             text += f" Patterns that matched nothing: {', '.join(self.unmatched_patterns)}."
         layouts_used = ", ".join(f"{name} x{n}" for name, n in sorted(self.layouts.items()))
         text += f" Route: {self.route} ({layouts_used or 'none'}); took {self.seconds:.1f} s."
         return text
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" if count == 1 else f"{count} layers"
 
 
 def validate_scheme(format: str, granularity: str, group_size: int) -> None:
