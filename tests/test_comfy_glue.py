@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vramkit.comfy
-from vramkit.comfy import measure, nodes, precision, streaming
+from vramkit.comfy import attention_modes, measure, nodes, precision, streaming
 
 NODE_IDS = ["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
             "VRAMKitMeasure", "VRAMKitReport"]
@@ -30,6 +30,9 @@ def test_node_declarations():
     assert quantize["format"][1]["default"] == "int8" and quantize["granularity"][1]["default"] == "group"
     assert quantize["group_size"][1]["default"] == 64
     assert nodes.VRAMKitReport.OUTPUT_NODE is True
+    mode = nodes.VRAMKitAttention.INPUT_TYPES()["required"]["mode"]
+    assert mode[1]["default"] in mode[0]
+    assert mode[1]["default"] == ("auto" if attention_modes.vramkit_modes_available() else "sdpa")
 
 
 def test_wildcard_type_matches_everything():

@@ -16,6 +16,7 @@ override still runs, with the chosen backend as the ``func`` it delegates to.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,15 @@ def available_modes() -> list[str]:
     except ImportError:  # outside ComfyUI (documentation, unit tests)
         optional = []
     return [*_ALWAYS, *optional]
+
+
+def vramkit_modes_available() -> bool:
+    """Whether `vramkit.attention` (auto/chunked/sliced) is installed."""
+    return importlib.util.find_spec("vramkit.attention") is not None
+
+
+def default_mode() -> str:
+    return "auto" if vramkit_modes_available() else "sdpa"
 
 
 class VRAMKitAttentionOverride:

@@ -95,7 +95,7 @@ class VRAMKitAttention:
             "model": ("MODEL", {"tooltip": "A diffusion model (UNet or DiT); VAEs and text encoders are not "
                                            "affected."}),
             "mode": (attention_modes.available_modes(), {
-                "default": "auto",
+                "default": attention_modes.default_mode(),
                 "tooltip": "auto picks for the memory budget; chunked/sliced save the most memory."}),
             "memory_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                          "tooltip": "Memory attention may use, for auto/chunked/sliced; "
