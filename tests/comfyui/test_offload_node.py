@@ -55,6 +55,11 @@ def test_plan_predicts_what_comfyui_streams(tiny, kind, budget_mb, quantized):
     assert streamed.loaded_size() == expected
 
 
+def test_tiny_budget_streams_everything_and_says_so(tiny):
+    _, summary = offload(tiny, 1 / 2**30)  # one byte
+    assert "every layer streams" in summary
+
+
 def test_larger_budget_keeps_more_resident(tiny, kind):
     small, _ = offload(tiny, 0.5 * MB / 2**30)
     sample(small, kind)

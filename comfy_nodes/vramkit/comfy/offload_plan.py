@@ -29,10 +29,14 @@ class OffloadPlan:
         if self.full_load or not self.streamed:
             return f"all {len(self.resident)} layers ({self.resident_bytes / mb:.1f} MB) fit and stay on {device}"
         total = len(self.resident) + len(self.streamed) + len(self.unplaced)
-        return (f"{len(self.resident)} of {total} layers "
+        text = (f"{len(self.resident)} of {total} layers "
                 f"({self.resident_bytes / mb:.1f} MB) stay on {device}; {len(self.streamed)} "
                 f"({self.streamed_bytes / mb:.1f} MB) are streamed each step through a "
                 f"{self.buffer_bytes / mb:.1f} MB buffer")
+        if not self.resident:
+            text += (" (the budget does not cover that buffer plus one layer, so every layer streams: the "
+                     "least VRAM and the slowest steps, like --novram)")
+        return text
 
 
 def buffer_rule() -> str:
