@@ -4,6 +4,7 @@ register, every example workflow validates against /object_info, and every API t
 from __future__ import annotations
 
 import os
+import urllib.request
 from pathlib import Path
 
 import comfy_server
@@ -33,6 +34,13 @@ def test_nodes_are_registered(object_info):
         assert info["category"] == "VRAMKit"
         assert info["python_module"].startswith("custom_nodes.")
     assert object_info["VRAMKitReport"]["output_node"] is True
+
+
+def test_frontend_extension_is_served(server):
+    scripts = [path for path in server.get("/extensions") if path.endswith("/vramkit.js")]
+    assert len(scripts) == 1
+    with urllib.request.urlopen(server.url + scripts[0], timeout=30) as response:
+        assert b"registerExtension" in response.read()
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
