@@ -151,3 +151,22 @@ def test_compute_dtype_sets_the_dequantized_dtype(tiny, kind):
     out = sample(quantized, kind)
     assert out.isfinite().all()
     assert rel(out, sample(reference, kind)) < 0.05
+
+
+@pytest.mark.parametrize("route", ["comfy", "module"])
+def test_quantized_layers_move_between_devices_whole(tiny, route):
+    """ComfyUI's loader moves fully loaded layers with `module.to(device)`: codes and scales must follow."""
+    from vramkit.comfy import compat, layouts
+
+    quantized, _ = quantize_model.quantize_model(tiny, "int8", "group", 64, route=route)
+    layer = next(m for m in quantized.object_patches.values() if isinstance(m, torch.nn.Module))
+    layer.to("meta")  # a private stand-in of this local clone
+    assert layer.weight.device.type == "meta"
+    if route == "comfy":
+        assert compat.is_comfy_quantized(layer.weight)
+        assert layouts.layout_name(layer.weight) == layouts.LAYOUT_NAME
+        params = layer.weight._params.scale if hasattr(layer.weight, "_params") else layer.weight._layout_params
+        scale = params["scale"] if isinstance(params, dict) else params
+        assert scale.device.type == "meta"
+    else:
+        assert layer.weight_scale.device.type == "meta" and layer.weight.dtype == torch.int8
