@@ -1,0 +1,394 @@
+//! Attention under a memory budget: block sizes for the Rust kernel, chunk sizes for the torch chunked
+//! path, the slice size for attention slicing, and the peak extra bytes each is predicted to allocate.
+//!
+//! "Extra" bytes are everything a mode allocates beyond its inputs and its output. The predictions are
+//! upper bounds of what the code really allocates, checked by the tests: the Rust kernel counts its own
+//! allocations (`attention::Stats`), the torch paths are measured with torch's allocator statistics.
+//!
+//! The Rust kernel's model is exact (`attention::kernel_bytes`): `threads` sets of per-thread blocks
+//! (query block, scores, probabilities, accumulator) plus K and V of `heads_per_group` heads packed.
+//! The torch models follow `vramkit/attention_torch.py` line by line (each tensor it creates per chunk).
+
+use crate::attention::{kernel_bytes, Blocks, Dims, Engine, KernelBytes, PANEL};
+use crate::error::CoreResult;
+use crate::value_err;
+
+/// What `plan_attention` is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub dims: Dims,
+    /// Bytes per element of q, k, v (4 for f32, 2 for f16/bf16).
+    pub dtype_bytes: usize,
+    /// Bytes the attention may allocate beyond inputs and output; 0 means no limit.
+    pub budget_bytes: usize,
+    /// Threads of the Rust kernel.
+    pub threads: usize,
+    /// The Rust kernel's engine; `None` plans for the most demanding one.
+    pub engine: Option<Engine>,
+    /// Whether the torch paths compute scores in f32 for f16/bf16 inputs (`attn_precision=float32`).
+    pub upcast: bool,
+}
+
+/// The torch chunked path's chunk sizes (queries and keys per step, over all batches and heads at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TorchChunks {
+    pub chunk_q: usize,
+    pub chunk_kv: usize,
+    pub peak_bytes: usize,
+}
+
+/// Attention slicing: `slice` (batch * head) pairs at a time, each with its full score matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slices {
+    pub slice: usize,
+    pub peak_bytes: usize,
+}
+
+/// A plan for every mode; each part says whether it fits the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionPlan {
+    pub request: Request,
+    pub engine: Option<Engine>,
+    pub blocks: Blocks,
+    pub kernel: KernelBytes,
+    pub torch: TorchChunks,
+    pub sliced: Slices,
+    /// The whole (batch, heads, q, k) score matrix in the input type: what plain attention materializes.
+    pub scores_bytes: usize,
+}
+
+impl AttentionPlan {
+    pub fn kernel_fits(&self) -> bool {
+        fits(self.kernel.total, self.request.budget_bytes)
+    }
+    pub fn torch_fits(&self) -> bool {
+        fits(self.torch.peak_bytes, self.request.budget_bytes)
+    }
+    pub fn sliced_fits(&self) -> bool {
+        fits(self.sliced.peak_bytes, self.request.budget_bytes)
+    }
+
+    /// One paragraph saying what was chosen and why, with the numbers.
+    pub fn summary(&self) -> String {
+        let r = &self.request;
+        let d = &r.dims;
+        let budget = if r.budget_bytes == 0 {
+            "no limit".to_string()
+        } else {
+            mib(r.budget_bytes)
+        };
+        format!(
+            "attention B={} H={} Nq={} Nk={} D={}/{} ({} B/elem), budget {budget}: full score matrix {}; \
+             rust kernel blocks q={} kv={} with K/V of {} head(s) packed, {} thread(s): {} ({}); \
+             torch chunks q={} kv={}: {} ({}); slicing {} head(s) at a time: {} ({})",
+            d.batch,
+            d.heads,
+            d.q_len,
+            d.kv_len,
+            d.head_dim,
+            d.v_head_dim,
+            r.dtype_bytes,
+            mib(self.scores_bytes),
+            self.blocks.block_q,
+            self.blocks.block_kv,
+            self.blocks.heads_per_group,
+            r.threads,
+            mib(self.kernel.total),
+            fit_word(self.kernel_fits()),
+            self.torch.chunk_q,
+            self.torch.chunk_kv,
+            mib(self.torch.peak_bytes),
+            fit_word(self.torch_fits()),
+            self.sliced.slice,
+            mib(self.sliced.peak_bytes),
+            fit_word(self.sliced_fits()),
+        )
+    }
+}
+
+fn fits(bytes: usize, budget: usize) -> bool {
+    budget == 0 || bytes <= budget
+}
+
+fn fit_word(ok: bool) -> &'static str {
+    if ok {
+        "fits"
+    } else {
+        "over budget"
+    }
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// The kernel's block sizes when memory is no concern: the fastest measured on the 2-core machine
+/// (README), with enough (head, query block) tasks to keep every thread busy.
+pub fn default_blocks(dims: &Dims, threads: usize) -> Blocks {
+    preferred_blocks(dims, threads)
+        .into_iter()
+        .next()
+        .unwrap_or(Blocks {
+            block_q: 1,
+            block_kv: PANEL,
+            heads_per_group: 1,
+        })
+}
+
+/// Candidate blocks, fastest first: larger query blocks, then key blocks, then fewer packed heads.
+fn preferred_blocks(dims: &Dims, threads: usize) -> Vec<Blocks> {
+    let bh = (dims.batch * dims.heads).max(1);
+    let threads = threads.max(1);
+    let mut out = Vec::new();
+    for &bq in &[128usize, 96, 64, 48, 32, 16, 8, 4, 2, 1] {
+        // Small queries: a block as large as the queries (rounded to the 6-row tile) is the fastest.
+        if bq > dims.q_len.next_multiple_of(6) && bq != 128 {
+            continue;
+        }
+        for &bk in &[512usize, 256, 128, 64] {
+            let q_blocks = dims.q_len.div_ceil(bq.min(dims.q_len.max(1)));
+            // Enough tasks per group for the threads (8 each), at most every head.
+            let want = (8 * threads).div_ceil(q_blocks.max(1)).clamp(1, bh);
+            let mut g = want;
+            loop {
+                out.push(Blocks {
+                    block_q: bq,
+                    block_kv: bk,
+                    heads_per_group: g,
+                });
+                if g == 1 {
+                    break;
+                }
+                g = g.div_ceil(2);
+            }
+        }
+    }
+    out
+}
+
+/// Plans every mode of an attention call under `req.budget_bytes`.
+pub fn plan_attention(req: &Request) -> CoreResult<AttentionPlan> {
+    let d = &req.dims;
+    d.lens()?;
+    if req.dtype_bytes == 0 || req.dtype_bytes > 8 {
+        return Err(value_err!(
+            "dtype_bytes must be 1..=8 (4 for float32, 2 for float16/bfloat16); got {}",
+            req.dtype_bytes
+        ));
+    }
+    let threads = req.threads.max(1);
+    let kernel_for = |b: &Blocks| -> KernelBytes {
+        match req.engine {
+            Some(e) => kernel_bytes(e, d, b, threads),
+            None => [Engine::Portable, Engine::Avx512Bf16]
+                .iter()
+                .map(|&e| kernel_bytes(e, d, b, threads))
+                .max_by_key(|k| k.total)
+                .unwrap_or_else(|| kernel_bytes(Engine::Portable, d, b, threads)),
+        }
+    };
+    let candidates = preferred_blocks(d, threads);
+    let pick = candidates
+        .iter()
+        .map(|b| b.clamped(d))
+        .find(|b| fits(kernel_for(b).total, req.budget_bytes))
+        .or_else(|| candidates.last().map(|b| b.clamped(d)))
+        .unwrap_or_else(|| default_blocks(d, threads).clamped(d));
+    let bh = d.batch.saturating_mul(d.heads);
+    Ok(AttentionPlan {
+        request: *req,
+        engine: req.engine,
+        blocks: pick,
+        kernel: kernel_for(&pick),
+        torch: torch_chunks(req),
+        sliced: slices(req),
+        scores_bytes: bh
+            .saturating_mul(d.q_len)
+            .saturating_mul(d.kv_len)
+            .saturating_mul(req.dtype_bytes),
+    })
+}
+
+/// Peak extra bytes of one step of the torch chunked path (`attention_torch.chunked`), for `cq` queries
+/// and `ck` keys over all `batch * heads`: the tensors it holds at its fullest point.
+pub fn torch_chunk_bytes(req: &Request, cq: usize, ck: usize) -> usize {
+    let d = &req.dims;
+    let bh = d.batch * d.heads;
+    let e = req.dtype_bytes;
+    let half = e != 4;
+    let upcast = req.upcast && half;
+    // Scores are computed in f32 when upcasting (or for f32 inputs), else in the input type and then
+    // converted to f32 for the softmax statistics.
+    let score = if upcast || !half { 4 } else { e + 4 };
+    let per_q = 4 * d.v_head_dim // the f32 accumulator
+        + 6 * 4 // m, l, the block max, the new max, the correction, and the subtracted max
+        + if upcast { 4 * d.head_dim } else { 0 }; // the query chunk in f32
+    let per_k = if upcast { 4 * d.head_dim } else { 0 }; // the key chunk in f32
+                                                         // In a step: scores (+ their f32 copy), probabilities in v's type, P V in v's type and in f32.
+    let step = cq * ck * (score + if half { e } else { 0 })
+        + cq * d.v_head_dim * (e + if half { 4 } else { 0 })
+        + ck * per_k;
+    // After the loop: o / l in f32 and its conversion to the output type (the scores are gone by then).
+    let finish = cq * d.v_head_dim * (4 + e);
+    bh * (cq * per_q + step.max(finish))
+}
+
+/// The largest chunks whose step fits the budget (fewest steps; whole key range preferred).
+fn torch_chunks(req: &Request) -> TorchChunks {
+    let d = &req.dims;
+    let (nq, nk) = (d.q_len.max(1), d.kv_len.max(1));
+    let qs = sizes_down_from(nq, 16);
+    let ks = sizes_down_from(nk, 128);
+    let mut best: Option<(usize, TorchChunks)> = None;
+    for &cq in &qs {
+        for &ck in &ks {
+            let peak = torch_chunk_bytes(req, cq, ck);
+            if !fits(peak, req.budget_bytes) {
+                continue;
+            }
+            let steps = nq.div_ceil(cq) * nk.div_ceil(ck);
+            let better = match &best {
+                None => true,
+                Some((s, b)) => steps < *s || (steps == *s && ck > b.chunk_kv),
+            };
+            if better {
+                best = Some((
+                    steps,
+                    TorchChunks {
+                        chunk_q: cq,
+                        chunk_kv: ck,
+                        peak_bytes: peak,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, c)| c).unwrap_or_else(|| {
+        let (cq, ck) = (qs[qs.len() - 1], ks[ks.len() - 1]);
+        TorchChunks {
+            chunk_q: cq,
+            chunk_kv: ck,
+            peak_bytes: torch_chunk_bytes(req, cq, ck),
+        }
+    })
+}
+
+/// `n`, then powers of two below it down to `min` (or `n` itself when smaller).
+fn sizes_down_from(n: usize, min: usize) -> Vec<usize> {
+    let mut v = vec![n];
+    let mut p = n.next_power_of_two() / 2;
+    while p >= min {
+        if p < n {
+            v.push(p);
+        }
+        p /= 2;
+    }
+    v
+}
+
+/// Peak extra bytes of attention slicing with `slice` (batch * head) pairs at a time
+/// (`attention_torch.sliced`): f32 scores, their softmax, the probabilities in v's type, the product.
+pub fn sliced_bytes(req: &Request, slice: usize) -> usize {
+    let d = &req.dims;
+    let e = req.dtype_bytes;
+    let half = e != 4;
+    let upcast = req.upcast && half;
+    let inputs = if upcast {
+        4 * (d.q_len + d.kv_len) * d.head_dim
+    } else {
+        0
+    };
+    let score = if upcast || !half { 4 } else { e };
+    let per = inputs
+        + d.q_len * d.kv_len * (2 * score + if half { e } else { 0 })
+        + d.q_len * d.v_head_dim * (e + 4);
+    slice * per
+}
+
+fn slices(req: &Request) -> Slices {
+    let bh = (req.dims.batch * req.dims.heads).max(1);
+    let mut s = bh;
+    loop {
+        let peak = sliced_bytes(req, s);
+        if fits(peak, req.budget_bytes) || s == 1 {
+            return Slices {
+                slice: s,
+                peak_bytes: peak,
+            };
+        }
+        s = s.div_ceil(2);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(budget: usize) -> Request {
+        Request {
+            dims: Dims {
+                batch: 1,
+                heads: 8,
+                q_len: 4096,
+                kv_len: 4096,
+                head_dim: 64,
+                v_head_dim: 64,
+            },
+            dtype_bytes: 4,
+            budget_bytes: budget,
+            threads: 2,
+            engine: Some(Engine::Avx512),
+            upcast: false,
+        }
+    }
+
+    #[test]
+    fn unlimited_budget_gives_the_default_blocks_and_fits() {
+        let p = plan_attention(&req(0)).unwrap();
+        assert_eq!(
+            p.blocks,
+            default_blocks(&req(0).dims, 2).clamped(&req(0).dims)
+        );
+        assert!(p.kernel_fits() && p.torch_fits() && p.sliced_fits());
+        assert_eq!(p.torch.chunk_q, 4096);
+        assert_eq!(p.torch.chunk_kv, 4096);
+        assert!(p.kernel.total * 16 < p.scores_bytes, "{}", p.summary());
+    }
+
+    #[test]
+    fn every_prediction_stays_under_a_budget_it_fits() {
+        for budget in [1 << 20, 4 << 20, 32 << 20, 256 << 20] {
+            let p = plan_attention(&req(budget)).unwrap();
+            if p.kernel_fits() {
+                assert!(p.kernel.total <= budget);
+            }
+            if p.torch_fits() {
+                assert!(p.torch.peak_bytes <= budget, "{}", p.summary());
+            }
+            if p.sliced_fits() {
+                assert!(p.sliced.peak_bytes <= budget);
+            }
+        }
+    }
+
+    #[test]
+    fn a_tiny_budget_gives_the_smallest_plan_marked_over_budget() {
+        let p = plan_attention(&req(1000)).unwrap();
+        assert!(!p.kernel_fits());
+        assert_eq!(p.blocks.block_q, 1);
+        assert_eq!(p.blocks.block_kv, PANEL);
+        assert!(!p.torch_fits());
+        assert_eq!(p.sliced.slice, 1);
+        assert!(p.summary().contains("over budget"));
+    }
+
+    #[test]
+    fn smaller_budgets_never_plan_bigger_chunks() {
+        let mut last = usize::MAX;
+        for budget in [1usize << 30, 1 << 28, 1 << 26, 1 << 24, 1 << 22] {
+            let p = plan_attention(&req(budget)).unwrap();
+            assert!(p.torch.peak_bytes <= last);
+            last = p.torch.peak_bytes;
+        }
+    }
+}
