@@ -427,7 +427,6 @@ fn measured_scratch_never_exceeds_the_prediction() {
                 budget_bytes: 0,
                 threads: st.threads,
                 engine: None,
-                upcast: false,
             })
             .unwrap();
             if opts.blocks.is_none() {

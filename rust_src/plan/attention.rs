@@ -25,8 +25,6 @@ pub struct Request {
     pub threads: usize,
     /// The Rust kernel's engine; `None` plans for the most demanding one.
     pub engine: Option<Engine>,
-    /// Whether the torch paths compute scores in f32 for f16/bf16 inputs (`attn_precision=float32`).
-    pub upcast: bool,
 }
 
 /// The torch chunked path's chunk sizes (queries and keys per step, over all batches and heads at once).
@@ -209,28 +207,25 @@ pub fn plan_attention(req: &Request) -> CoreResult<AttentionPlan> {
     })
 }
 
-/// Peak extra bytes of one step of the torch chunked path (`attention_torch.chunked`), for `cq` queries
-/// and `ck` keys over all `batch * heads`: the tensors it holds at its fullest point.
+/// Peak extra bytes of the torch chunked path (`attention_torch.chunked`) with chunks of `cq` queries and
+/// `ck` keys over all `batch * heads`: every tensor a step creates, summed (an upper bound of what is alive
+/// at once). Per (batch, head), with `e` the input's bytes per element:
+/// - per query chunk: its copy (f32 for half inputs off CUDA; on CUDA, or for f32, the copy `matmul`
+///   makes for the (B, N, H*D) layout: at most 4 bytes an element either way), the f32 accumulator, and the
+///   row statistics (max, sum, block max, new max, the subtracted max, the correction, the row sums, two
+///   comparison masks: 26 bytes a row, counted as 32);
+/// - per step: the key chunk's copy (same rule), the value chunk's layout copy, the f32 scores, a negated
+///   boolean mask, the probabilities in v's type (half inputs), and P V in v's type.
 pub fn torch_chunk_bytes(req: &Request, cq: usize, ck: usize) -> usize {
     let d = &req.dims;
     let bh = d.batch * d.heads;
     let e = req.dtype_bytes;
-    let half = e != 4;
-    let upcast = req.upcast && half;
-    // Scores are computed in f32 when upcasting (or for f32 inputs), else in the input type and then
-    // converted to f32 for the softmax statistics.
-    let score = if upcast || !half { 4 } else { e + 4 };
-    let per_q = 4 * d.v_head_dim // the f32 accumulator
-        + 6 * 4 // m, l, the block max, the new max, the correction, and the subtracted max
-        + if upcast { 4 * d.head_dim } else { 0 }; // the query chunk in f32
-    let per_k = if upcast { 4 * d.head_dim } else { 0 }; // the key chunk in f32
-                                                         // In a step: scores (+ their f32 copy), probabilities in v's type, P V in v's type and in f32.
-    let step = cq * ck * (score + if half { e } else { 0 })
-        + cq * d.v_head_dim * (e + if half { 4 } else { 0 })
-        + ck * per_k;
-    // After the loop: o / l in f32 and its conversion to the output type (the scores are gone by then).
-    let finish = cq * d.v_head_dim * (4 + e);
-    bh * (cq * per_q + step.max(finish))
+    let probs = if e != 4 { e } else { 0 };
+    let per_q = 4 * d.head_dim + 4 * d.v_head_dim + 32;
+    let step = ck * (4 * d.head_dim + e * d.v_head_dim)
+        + cq * ck * (4 + 1 + probs)
+        + cq * d.v_head_dim * e;
+    bh * (cq * per_q + step)
 }
 
 /// The largest chunks whose step fits the budget (fewest steps; whole key range preferred).
@@ -287,21 +282,16 @@ fn sizes_down_from(n: usize, min: usize) -> Vec<usize> {
 }
 
 /// Peak extra bytes of attention slicing with `slice` (batch * head) pairs at a time
-/// (`attention_torch.sliced`): f32 scores, their softmax, the probabilities in v's type, the product.
+/// (`attention_torch.sliced`), summing per pair: the q and k slices' copies (f32 for half inputs off CUDA,
+/// else the layout copies `matmul` makes: at most 4 bytes an element), v's layout copy, the f32 scores, a
+/// negated boolean mask, the f32 softmax, the probabilities in v's type, the product, the masked-row test.
 pub fn sliced_bytes(req: &Request, slice: usize) -> usize {
     let d = &req.dims;
     let e = req.dtype_bytes;
-    let half = e != 4;
-    let upcast = req.upcast && half;
-    let inputs = if upcast {
-        4 * (d.q_len + d.kv_len) * d.head_dim
-    } else {
-        0
-    };
-    let score = if upcast || !half { 4 } else { e };
-    let per = inputs
-        + d.q_len * d.kv_len * (2 * score + if half { e } else { 0 })
-        + d.q_len * d.v_head_dim * (e + 4);
+    let probs = if e != 4 { e } else { 0 };
+    let inputs = 4 * (d.q_len + d.kv_len) * d.head_dim + e * d.kv_len * d.v_head_dim;
+    let per =
+        inputs + d.q_len * d.kv_len * (4 + 1 + 4 + probs + 1) + d.q_len * (d.v_head_dim * e + 1);
     slice * per
 }
 
@@ -338,7 +328,6 @@ mod tests {
             budget_bytes: budget,
             threads: 2,
             engine: Some(Engine::Avx512),
-            upcast: false,
         }
     }
 

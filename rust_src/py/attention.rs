@@ -262,7 +262,7 @@ fn attention_engines() -> Vec<&'static str> {
 
 #[pyfunction]
 #[pyo3(signature = (batch, heads, q_len, kv_len, head_dim, dtype_bytes, budget_bytes, *, v_head_dim=None,
-                    threads=None, engine=None, upcast=false))]
+                    threads=None, engine=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_attention<'py>(
     py: Python<'py>,
@@ -276,7 +276,6 @@ fn plan_attention<'py>(
     v_head_dim: Option<usize>,
     threads: Option<usize>,
     engine: Option<&str>,
-    upcast: bool,
 ) -> PyResult<Bound<'py, PyDict>> {
     let engine = match engine {
         Some(name) => Engine::parse(name).map_err(to_py_err)?,
@@ -295,7 +294,6 @@ fn plan_attention<'py>(
         budget_bytes,
         threads: threads.unwrap_or_else(rayon::current_num_threads),
         engine,
-        upcast,
     };
     let p = plan(&req).map_err(to_py_err)?;
     let d = PyDict::new(py);
