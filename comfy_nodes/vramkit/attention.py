@@ -244,9 +244,10 @@ def plan(p: Problem, budget_bytes: int | None = None) -> dict[str, Any]:
     """The planner's answer for this call (`vramkit._core.plan_attention`) under `budget_bytes` (None:
     the device's free memory)."""
     budget = available_bytes(p.device) if budget_bytes is None else budget_bytes
-    engine = _rust_engine(p.q.dtype) if p.device.type == "cpu" else None
+    cpu = p.device.type == "cpu"
     return _core.plan_attention(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim, p.q.element_size(), budget,
-                                v_head_dim=p.v_head_dim, engine=engine)
+                                v_head_dim=p.v_head_dim, engine=_rust_engine(p.q.dtype) if cpu else None,
+                                torch_threads=torch.get_num_threads() if cpu else 0)
 
 
 def _rust_engine(dtype: torch.dtype) -> str:

@@ -31,7 +31,10 @@ def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         lead = q.shape[:-2]
         q3, k3 = q.reshape(-1, *q.shape[-2:]), k.reshape(-1, *k.shape[-2:])
         return torch.bmm(q3, k3.transpose(1, 2), out_dtype=torch.float32).view(*lead, q.shape[-2], k.shape[-2])
-    return torch.matmul(q.float(), k.float().transpose(-1, -2))
+    # Contiguous copies: a permuted view of (B, N, H, D) memory would otherwise keep its strides through
+    # the cast, and matmul would copy it a second time.
+    f32 = {"dtype": torch.float32, "memory_format": torch.contiguous_format}
+    return torch.matmul(q.to(**f32), k.to(**f32).transpose(-1, -2))
 
 
 _OUT_DTYPE: dict[str, bool] = {}

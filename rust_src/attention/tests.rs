@@ -426,6 +426,7 @@ fn measured_scratch_never_exceeds_the_prediction() {
                 dtype_bytes: 2,
                 budget_bytes: 0,
                 threads: st.threads,
+                torch_threads: 0,
                 engine: None,
             })
             .unwrap();

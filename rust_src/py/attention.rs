@@ -262,7 +262,7 @@ fn attention_engines() -> Vec<&'static str> {
 
 #[pyfunction]
 #[pyo3(signature = (batch, heads, q_len, kv_len, head_dim, dtype_bytes, budget_bytes, *, v_head_dim=None,
-                    threads=None, engine=None))]
+                    threads=None, torch_threads=None, engine=None))]
 #[allow(clippy::too_many_arguments)]
 fn plan_attention<'py>(
     py: Python<'py>,
@@ -275,6 +275,7 @@ fn plan_attention<'py>(
     budget_bytes: usize,
     v_head_dim: Option<usize>,
     threads: Option<usize>,
+    torch_threads: Option<usize>,
     engine: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let engine = match engine {
@@ -293,6 +294,7 @@ fn plan_attention<'py>(
         dtype_bytes,
         budget_bytes,
         threads: threads.unwrap_or_else(rayon::current_num_threads),
+        torch_threads: torch_threads.unwrap_or(0),
         engine,
     };
     let p = plan(&req).map_err(to_py_err)?;
@@ -301,6 +303,7 @@ fn plan_attention<'py>(
     d.set_item("block_kv", p.blocks.block_kv)?;
     d.set_item("heads_per_group", p.blocks.heads_per_group)?;
     d.set_item("threads", req.threads)?;
+    d.set_item("torch_threads", req.torch_threads)?;
     d.set_item("engine", p.engine.map(|e| e.name()))?;
     d.set_item("kernel_peak_bytes", p.kernel.total)?;
     d.set_item("kernel_per_thread_bytes", p.kernel.per_thread)?;
