@@ -3,10 +3,12 @@ all dtypes, every Rust engine, and the torch chunked path (on CPU here; the same
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
+import vramkit.attention
 from vramkit import _core, attention_torch
 from vramkit.attention import attention, measure_mode, prepare
 
@@ -219,3 +221,15 @@ def test_cuda_modes_match_float64(dtype: torch.dtype) -> None:
     for mode in ("sdpa", "chunked", "sliced", "auto"):
         out = attention(q.cuda(), k.cuda(), v.cuda(), heads, mask.cuda(), mode=mode, budget_bytes=64 << 20)
         assert rel_err(out.cpu(), want) < TOL[dtype], mode
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention, "_warned", set())
+    q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float32)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        for _ in range(3):
+            assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < 1e-5
+    warnings = [r for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "needs a CUDA device" in warnings[0].getMessage()

@@ -141,5 +141,7 @@ def test_cuda_chunked_peak_is_bounded_by_the_plan(case: tuple) -> None:
                             for t in make(case))
     p = prepare(q, k, v, heads, mask, None)
     pl = plan(p, 8 << 20)
+    # Warm up first: cuBLAS takes its workspace from the caching allocator on first use, once.
+    attention(q, k, v, heads, mask, mode="chunked", budget_bytes=8 << 20)
     _, extra = measure_mode(q, k, v, "chunked", heads=heads, mask=mask, repeats=1, budget_bytes=8 << 20)
     assert extra <= pl["torch_peak_bytes"]
