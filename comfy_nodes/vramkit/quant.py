@@ -243,7 +243,8 @@ def _quantize_rust(t: torch.Tensor, format: str, granularity: str, group_size: i
 
 def _rust_codes(q: QTensor) -> tuple[np.ndarray, np.ndarray | None]:
     codes = q.data.contiguous().numpy()
-    scales = None if q.scale is None else q.scale.contiguous().reshape(-1).numpy()
+    # float32 by definition; a module's `.to(dtype)` may have widened the buffer (exactly) to float64.
+    scales = None if q.scale is None else q.scale.to(torch.float32).contiguous().reshape(-1).numpy()
     return codes, scales
 
 
@@ -295,5 +296,5 @@ def _dequantize_torch(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
     values = _codes_as_float(q)
     if q.scale is None:
         return values.to(dtype)
-    blocks = values.reshape(-1, q.block_len) * q.scale.reshape(-1, 1)
+    blocks = values.reshape(-1, q.block_len) * q.scale.to(torch.float32).reshape(-1, 1)
     return blocks.reshape(q.shape).to(dtype)

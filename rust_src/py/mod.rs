@@ -21,7 +21,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// The vector instruction set the kernels use on this CPU.
 #[pyfunction]
 fn simd_level() -> &'static str {
-    crate::simd::best_isa()
+    crate::simd::level().name()
 }
 
 /// A copy of the bytes of a C-contiguous array into a new uint8 array, allocated the way every kernel

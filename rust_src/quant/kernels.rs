@@ -3,15 +3,13 @@
 //! Each kernel validates its arguments, then runs rayon tasks of `parallel::TASK_ELEMS` elements whose
 //! inner loops are `multiversion!` functions, vectorized for the CPU at hand.
 
-use super::convert::{f32_to_e4m3fn, f32_to_e5m2, E4M3FN_TO_F32, E5M2_TO_F32};
+use super::convert::{e4m3fn_to_f32_fast, e5m2_to_f32_fast, f32_to_e4m3fn, f32_to_e5m2};
 use super::parallel::{for_each_block_segment, TASK_ELEMS};
 use super::{block_count, Element, Format, OutElement};
 use crate::error::{CoreError, CoreResult};
 use crate::simd::multiversion;
 use rayon::prelude::*;
 
-/// Blocks at least this long are dequantized through a 256-entry table of output values built per block.
-const TABLE_MIN_BLOCK: usize = 1024;
 /// Blocks at least this long are quantized one at a time with the block itself split across threads.
 const SPLIT_BLOCK_MIN: usize = 1 << 18;
 
@@ -210,43 +208,43 @@ pub fn dequantize<O: OutElement>(
 ) -> CoreResult<()> {
     check_same_len("the output", out.len(), codes.len())?;
     let (scales, block_len) = resolve_scales(fmt, codes.len(), scales, block_len)?;
-    let decode = decode_table(fmt);
-    let by_table = scales.is_none() || block_len >= TABLE_MIN_BLOCK;
     for_each_block_segment(out, block_len, |dst, range, block| {
         let scale = scales.map_or(1.0, |s| s[block]);
-        decode_segment(fmt, &decode, &codes[range], scale, by_table, dst);
+        decode_segment(fmt, &codes[range], scale, dst);
     });
     Ok(())
 }
 
-multiversion!(fn decode_segment<O: OutElement>(
-    fmt: Format, decode: &[f32; 256], src: &[u8], scale: f32, by_table: bool, dst: &mut [O]
-) => decode_scaled);
+multiversion!(fn decode_segment<O: OutElement>(fmt: Format, src: &[u8], scale: f32, dst: &mut [O]) => decode_scaled);
 
-/// Writes `decode[code] * scale` for each code, through a table of the 256 results when `by_table` (long
-/// blocks, where building the table costs less than the multiplies it saves).
+/// The value of an 8-bit code (before its scale), computed rather than looked up: table lookups become
+/// gathers, which are slower than this arithmetic on current x86 cores.
 #[inline(always)]
-fn decode_scaled<O: OutElement>(
-    fmt: Format,
-    decode: &[f32; 256],
-    src: &[u8],
-    scale: f32,
-    by_table: bool,
-    dst: &mut [O],
-) {
-    if by_table {
-        let table: [O; 256] = std::array::from_fn(|c| O::from_f32(decode[c] * scale));
+fn decode_code<const FMT: u8>(code: u8) -> f32 {
+    match FMT {
+        FMT_E4M3FN => e4m3fn_to_f32_fast(code),
+        FMT_E5M2 => e5m2_to_f32_fast(code),
+        _ => f32::from(code as i8),
+    }
+}
+
+const FMT_E4M3FN: u8 = 0;
+const FMT_E5M2: u8 = 1;
+const FMT_INT8: u8 = 2;
+
+/// Writes `decode(code) * scale`, rounded to the output type, for each code.
+#[inline(always)]
+fn decode_scaled<O: OutElement>(fmt: Format, src: &[u8], scale: f32, dst: &mut [O]) {
+    #[inline(always)]
+    fn run<const FMT: u8, O: OutElement>(src: &[u8], scale: f32, dst: &mut [O]) {
         for (d, &c) in dst.iter_mut().zip(src) {
-            *d = table[c as usize];
+            *d = O::from_f32(decode_code::<FMT>(c) * scale);
         }
-    } else if fmt == Format::Int8 {
-        for (d, &c) in dst.iter_mut().zip(src) {
-            *d = O::from_f32(f32::from(c as i8) * scale);
-        }
-    } else {
-        for (d, &c) in dst.iter_mut().zip(src) {
-            *d = O::from_f32(decode[c as usize] * scale);
-        }
+    }
+    match fmt {
+        Format::Fp8E4m3fn => run::<FMT_E4M3FN, O>(src, scale, dst),
+        Format::Fp8E5m2 => run::<FMT_E5M2, O>(src, scale, dst),
+        Format::Int8 => run::<FMT_INT8, O>(src, scale, dst),
     }
 }
 
@@ -267,15 +265,6 @@ fn resolve_scales(
             check_same_len("the scales", s.len(), n_blocks)?;
             Ok((Some(s), block_len))
         }
-    }
-}
-
-/// code -> f32 value for each of the 256 codes.
-fn decode_table(fmt: Format) -> [f32; 256] {
-    match fmt {
-        Format::Fp8E4m3fn => E4M3FN_TO_F32,
-        Format::Fp8E5m2 => E5M2_TO_F32,
-        Format::Int8 => std::array::from_fn(|c| f32::from(c as u8 as i8)),
     }
 }
 
@@ -301,7 +290,6 @@ pub fn error_stats<T: Element>(
     check_nonempty(src.len())?;
     check_same_len("the codes", codes.len(), src.len())?;
     let (scales, block_len) = resolve_scales(fmt, codes.len(), scales, block_len)?;
-    let decode = decode_table(fmt);
     // (max |err|, sum err^2, sum x^2) of a task's elements, segment by segment (one scale each).
     let segment = |start: usize, end: usize| -> [f64; 3] {
         let mut acc = [0f64; 3];
@@ -310,7 +298,7 @@ pub fn error_stats<T: Element>(
             let block = pos / block_len;
             let seg_end = ((block + 1) * block_len).min(end);
             let scale = scales.map_or(1.0, |s| s[block]);
-            let part = stats(&src[pos..seg_end], &codes[pos..seg_end], &decode, scale);
+            let part = stats(fmt, &src[pos..seg_end], &codes[pos..seg_end], scale);
             acc = merge_stats(acc, part);
             pos = seg_end;
         }
@@ -342,29 +330,66 @@ fn merge_stats(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
     [max, a[1] + b[1], a[2] + b[2]]
 }
 
-multiversion!(fn stats<T: Element>(x: &[T], codes: &[u8], decode: &[f32; 256], scale: f32) -> [f64; 3] => stats_segment);
+multiversion!(fn stats<T: Element>(fmt: Format, x: &[T], codes: &[u8], scale: f32) -> [f64; 3] => stats_segment);
 
 /// (max |err|, sum err^2, sum x^2) over one segment sharing `scale`, in f64.
 #[inline(always)]
-fn stats_segment<T: Element>(x: &[T], codes: &[u8], decode: &[f32; 256], scale: f32) -> [f64; 3] {
-    let mut acc = [0f64; 3];
-    for (&v, &c) in x.iter().zip(codes) {
-        let v = f64::from(v.to_f32());
-        let e = f64::from(decode[c as usize] * scale) - v;
-        acc[0] = if e.abs() > acc[0] || e.is_nan() {
-            e.abs()
+fn stats_segment<T: Element>(fmt: Format, x: &[T], codes: &[u8], scale: f32) -> [f64; 3] {
+    #[inline(always)]
+    fn run<const FMT: u8, T: Element>(x: &[T], codes: &[u8], scale: f32) -> [f64; 3] {
+        // LANES independent accumulators: f64 adds cannot be reassociated, so one accumulator would be a
+        // serial chain of adds; separate lanes let the loop vectorize.
+        const LANES: usize = 8;
+        let (mut max, mut err2, mut ref2) = ([0f64; LANES], [0f64; LANES], [0f64; LANES]);
+        let mut nan = false;
+        let xs = x.chunks_exact(LANES);
+        let cs = codes.chunks_exact(LANES);
+        let (x_tail, c_tail) = (xs.remainder(), cs.remainder());
+        for (xc, cc) in xs.zip(cs) {
+            for l in 0..LANES {
+                let v = f64::from(xc[l].to_f32());
+                let e = f64::from(decode_code::<FMT>(cc[l]) * scale) - v;
+                nan |= e.is_nan();
+                max[l] = if e.abs() > max[l] { e.abs() } else { max[l] };
+                err2[l] += e * e;
+                ref2[l] += v * v;
+            }
+        }
+        for (&xv, &c) in x_tail.iter().zip(c_tail) {
+            let v = f64::from(xv.to_f32());
+            let e = f64::from(decode_code::<FMT>(c) * scale) - v;
+            nan |= e.is_nan();
+            max[0] = if e.abs() > max[0] { e.abs() } else { max[0] };
+            err2[0] += e * e;
+            ref2[0] += v * v;
+        }
+        let max = if nan {
+            f64::NAN
         } else {
-            acc[0]
+            max.iter().fold(0f64, |a, &b| a.max(b))
         };
-        acc[1] += e * e;
-        acc[2] += v * v;
+        [max, err2.iter().sum(), ref2.iter().sum()]
     }
-    acc
+    match fmt {
+        Format::Fp8E4m3fn => run::<FMT_E4M3FN, T>(x, codes, scale),
+        Format::Fp8E5m2 => run::<FMT_E5M2, T>(x, codes, scale),
+        Format::Int8 => run::<FMT_INT8, T>(x, codes, scale),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::convert::{E4M3FN_TO_F32, E5M2_TO_F32};
     use super::*;
+
+    /// code -> f32 value for each of the 256 codes (the reference tables).
+    fn decode_table(fmt: Format) -> [f32; 256] {
+        match fmt {
+            Format::Fp8E4m3fn => E4M3FN_TO_F32,
+            Format::Fp8E5m2 => E5M2_TO_F32,
+            Format::Int8 => std::array::from_fn(|c| f32::from(c as u8 as i8)),
+        }
+    }
     use half::bf16;
 
     fn ramp(n: usize) -> Vec<f32> {

@@ -1,0 +1,97 @@
+"""`vramkit demo`: quantize the built-in transformer in every format, run it, and compare with bf16.
+
+What each row means for a ComfyUI user: "fp8_e4m3fn cast" is what `--fp8_e4m3fn-unet` (or UNETLoader's
+fp8 weight dtype) does, "int8 tensor" is ComfyUI's only native INT8 layout, and "int8 group-64" is what
+VRAMKit's Quantize node does by default.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from . import demo_model
+from .bench.timing import format_table
+from .qmodules import quantize_linears
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    label: str
+    format: str
+    granularity: str
+    group_size: int | None = None
+
+
+SCHEMES = [
+    Scheme("fp8_e4m3fn cast (ComfyUI --fp8_e4m3fn-unet)", "fp8_e4m3fn", "none"),
+    Scheme("fp8_e5m2 cast (ComfyUI --fp8_e5m2-unet)", "fp8_e5m2", "none"),
+    Scheme("fp8_e4m3fn per-tensor scale", "fp8_e4m3fn", "tensor"),
+    Scheme("fp8_e4m3fn per-channel scale", "fp8_e4m3fn", "channel"),
+    Scheme("int8 per-tensor (ComfyUI int8_tensorwise)", "int8", "tensor"),
+    Scheme("int8 per-channel", "int8", "channel"),
+    Scheme("int8 group-64 (VRAMKit default)", "int8", "group", 64),
+]
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer: what the model occupies in (V)RAM."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    ref = reference.double()
+    err = other.double() - ref
+    noise = float(err.square().sum())
+    return math.inf if noise == 0 else 10 * math.log10(float(ref.square().sum()) / noise)
+
+
+def _progress(label: str):
+    def wrap(items):
+        return tqdm(items, desc=f"quantizing ({label})", unit="layer", leave=False,
+                    disable=not sys.stderr.isatty())
+    return wrap
+
+
+def run(blocks: int = 12, seed: int = 0, tokens: int = 1024, dim: int = 512, heads: int = 8) -> str:
+    if blocks <= 0 or tokens <= 0:
+        raise ValueError(f"blocks and tokens must be positive; got blocks={blocks}, tokens={tokens}")
+    torch.manual_seed(seed)
+    base = demo_model.build(dim, heads, blocks, seed)
+    x = demo_model.example_input(tokens, dim, seed)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        reference = base(x)
+        ref_time = time.perf_counter() - start
+    base_bytes = model_bytes(base)
+    rows: list[list[object]] = [["bf16 (reference)", f"{base_bytes / 2**20:.1f} MiB", "1.00x", "inf", 0.0, "-",
+                                 f"{1000 * ref_time:.0f}"]]
+    for scheme in SCHEMES:
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        # The final projection stays in bf16, as quantized checkpoints keep their last layer.
+        quantize_linears(model, scheme.format, scheme.granularity, scheme.group_size, skip=["out"],
+                         progress=_progress(scheme.label))
+        quantize_s = time.perf_counter() - start
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model(x)
+            run_s = time.perf_counter() - start
+        size = model_bytes(model)
+        rows.append([scheme.label, f"{size / 2**20:.1f} MiB", f"{base_bytes / size:.2f}x", snr_db(reference, out),
+                     float((out.double() - reference.double()).abs().max()), f"{1000 * quantize_s:.0f}",
+                     f"{1000 * run_s:.0f}"])
+    headers = ["format", "weight bytes", "compression", "output SNR dB", "max abs err", "quantize ms", "run ms"]
+    title = (f"vramkit demo: {blocks}-block transformer (dim {dim}, {heads} heads, {tokens} tokens), "
+             f"weight-only quantization, output compared with the bf16 run")
+    return title + "\n" + format_table(headers, rows)

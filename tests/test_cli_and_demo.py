@@ -1,0 +1,91 @@
+"""The command line, the demo and the plain-torch quantized layers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from vramkit import cli, demo, demo_model, quant
+from vramkit.qmodules import QuantizedLinear, quantize_linears
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["bench", "--help"], ["install-comfyui", "--help"]])
+def test_help_for_every_verb(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: vramkit" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "vramkit", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "demo" in done.stdout and "bench" in done.stdout
+
+
+def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
+    table = demo.run(blocks=2, tokens=64, dim=128, heads=4)
+    lines = table.splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[3:]}
+    assert set(rows) == {"bf16 (reference)", *(s.label for s in demo.SCHEMES)}
+    for label, cells in rows.items():
+        compression = float(cells[1].rstrip("x"))
+        assert (compression == 1.0) if label.startswith("bf16") else (1.5 < compression < 2.0)
+    snr = {label: float(cells[2]) for label, cells in rows.items() if not label.startswith("bf16")}
+    assert all(value > 5 for value in snr.values())
+    best = max(snr, key=snr.__getitem__)
+    assert best == "int8 group-64 (VRAMKit default)"
+    assert snr["int8 per-channel"] > snr["int8 per-tensor (ComfyUI int8_tensorwise)"]
+
+
+def test_demo_refuses_nonsense() -> None:
+    assert cli.main(["demo", "--blocks", "0"]) == 2
+
+
+def test_bench_quant_prints_every_kernel_with_ratios() -> None:
+    from vramkit.bench import quant as bench_quant
+
+    table = bench_quant.run(elements=1 << 16, repeats=1)
+    body = table.splitlines()[3:]
+    assert len(body) == len(bench_quant.build_cases(1 << 16))
+    for line in body:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[4].endswith("x") and cells[8].endswith("%")
+
+
+def test_quantized_linear_matches_dequantized_weights_and_moves_devices() -> None:
+    layer = nn.Linear(64, 32)
+    q = QuantizedLinear.from_linear(layer, "int8", "group", 32)
+    x = torch.randn(5, 64)
+    expected = nn.functional.linear(x, q.qweight.dequantize(torch.float32), layer.bias)
+    assert torch.equal(q(x), expected)
+    moved = q.to(torch.float64)  # buffers keep their dtype; the module still runs in the input's dtype
+    assert moved.codes.dtype == torch.int8 and q(x.double()).dtype == torch.float64
+    state = q.state_dict()
+    assert set(state) == {"codes", "scale", "bias"} and state["codes"].dtype == torch.int8
+
+
+def test_quantize_linears_skips_by_pattern_and_reports_bytes() -> None:
+    model = demo_model.build(dim=64, heads=4, blocks=2, dtype=torch.float32)
+    x = demo_model.example_input(8, dim=64, dtype=torch.float32)
+    reference = model(x)
+    report = quantize_linears(model, "fp8_e4m3fn", "channel", skip=["out", "blocks.1.*"])
+    assert report.skipped == ["blocks.1.qkv", "blocks.1.proj", "blocks.1.fc1", "blocks.1.fc2", "out"]
+    assert len(report.quantized) == 4 and isinstance(model.blocks[0].qkv, QuantizedLinear)
+    assert isinstance(model.blocks[1].qkv, nn.Linear)
+    assert report.bytes_before == 4 * (3 * 64 * 64 + 64 * 64 + 2 * 4 * 64 * 64)
+    assert report.bytes_after < report.bytes_before / 3.5
+    assert demo.snr_db(reference, model(x)) > 20
+    assert "quantized 4 linear layers, kept 5" in report.summary()
+
+
+def test_quantized_layer_weight_equals_qtensor() -> None:
+    w = torch.randn(16, 32)
+    layer = nn.Linear(32, 16)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    q = QuantizedLinear.from_linear(layer, "fp8_e5m2", "tensor")
+    assert torch.equal(q.qweight.data, quant.quantize(w, "fp8_e5m2", "tensor").data)
