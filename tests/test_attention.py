@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+
 import vramkit.attention
 from vramkit import _core, attention_torch
 from vramkit.attention import attention, measure_mode, prepare
@@ -233,3 +237,21 @@ def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.Log
             assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < 1e-5
     warnings = [r for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "needs a CUDA device" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("level", ["portable", "avx2"])
+def test_the_portable_engine_alone_under_capped_simd_levels(level: str) -> None:
+    """`VRAMKIT_SIMD` caps the level: only the portable engine remains, in its AVX2+FMA copy or its
+    baseline copy (no FMA); both must pass the accuracy tests."""
+    if os.environ.get("VRAMKIT_SIMD"):
+        pytest.skip("already running under a capped SIMD level")
+    env = {**os.environ, "VRAMKIT_SIMD": level}
+    probe = subprocess.run([sys.executable, "-c", "import vramkit._core as c; print(*c.attention_engines())"],
+                           env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert probe.stdout.split() == ["portable"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "modes_match or rust_engine or masks or nan"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from vramkit import _core
 from vramkit.attention import attention, measure_mode
 from vramkit.errors import DtypeError

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from vramkit.attention import make_comfy_override
 
 B, H, NQ, NK, D = 2, 4, 37, 29, 16

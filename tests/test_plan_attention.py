@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+
 from vramkit import _core, attention_torch
 from vramkit.attention import attention, measure_mode, plan, prepare
 from vramkit.attention_measure import peak_bytes

@@ -19,8 +19,9 @@ const LANES: usize = 16;
 #[derive(Debug, Clone, Copy)]
 pub struct Portable;
 
-/// `name(args)` runs `inner::<true>` compiled for AVX2+FMA when the CPU has them, else
-/// `inner::<BASE_FMA>` (the const parameter says whether `mul_add` is a fused instruction).
+/// `name(args)` runs `inner::<true>` compiled for AVX2+FMA when the SIMD level (`crate::simd::level`, which
+/// `VRAMKIT_SIMD` can cap) allows it, else `inner::<BASE_FMA>` (the const parameter says whether `mul_add`
+/// is a fused instruction).
 macro_rules! fma_dispatch {
     (fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $inner:ident) => {
         #[allow(clippy::too_many_arguments)]
@@ -32,9 +33,9 @@ macro_rules! fma_dispatch {
                 fn fast($($arg: $ty),*) $(-> $ret)? {
                     $inner::<true>($($arg),*)
                 }
-                if crate::simd::has_avx2() {
+                if crate::simd::level() >= crate::simd::Level::Avx2 {
                     // SAFETY: `fast` differs from `inner` only in being compiled for AVX2, FMA and F16C,
-                    // which `has_avx2` has just detected on this CPU.
+                    // which `level()` reports only after detecting them on this CPU.
                     return unsafe { fast($($arg),*) };
                 }
             }

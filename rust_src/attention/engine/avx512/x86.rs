@@ -12,8 +12,11 @@ const MR: usize = 6;
 /// 16-lane vectors per tile row.
 const NV: usize = 4;
 
+/// AVX-512F and FMA, unless `VRAMKIT_SIMD` caps the level below AVX-512 (`crate::simd::level`).
 pub fn has_avx512() -> bool {
-    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma")
+    crate::simd::level() >= crate::simd::Level::Avx512
+        && std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("fma")
 }
 
 /// Instantiates `$tile::<R, ...>` for the `rows - r0` rows left (at most `MR`).
