@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import vramkit.attention
+import vramkit.attention_external
 from vramkit import _core, attention_torch
 from vramkit.attention import attention, measure_mode, prepare
 
@@ -230,7 +230,7 @@ def test_cuda_modes_match_float64(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
 def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.LogCaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vramkit.attention, "_warned", set())
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
     q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float32)
     with caplog.at_level(logging.WARNING, logger="vramkit"):
         for _ in range(3):
