@@ -14,7 +14,8 @@
 //! ```
 //!
 //! A task's blocks live in a per-thread slot reused by every task the thread runs, so the working memory
-//! is `threads` sets of blocks plus the packed K and V (see `kernel_bytes`).
+//! is `threads` sets of blocks plus the packed K and V (see `kernel_bytes`), all allocated before the
+//! tasks start.
 
 use super::engine::{avx512, portable::Portable, Engine, Micro, PANEL};
 use super::exp::exp2;
@@ -149,11 +150,14 @@ impl<T: Element + OutElement> Args<'_, T> {
         let vs = self.layout.strides(heads, nk, dv);
         let os = self.layout.strides(heads, nq, dv);
 
-        let mut kpack = self.meter.zeroed::<M::E>(group * k_len);
-        let mut vpack = self.meter.zeroed::<M::E>(group * v_len);
+        let mut kpack = self.meter.zeroed::<M::E>(group * k_len)?;
+        let mut vpack = self.meter.zeroed::<M::E>(group * v_len)?;
         let threads = rayon::current_num_threads().max(1);
-        let slots: Vec<Mutex<Option<Scratch<'_, M>>>> =
-            (0..threads).map(|_| Mutex::new(None)).collect();
+        // Each thread's blocks, allocated up front (so that a failed allocation is an error, not a panic in
+        // a task); a task locks the slot of the thread it runs on, which no other task holds meanwhile.
+        let slots = (0..threads)
+            .map(|_| Ok(Mutex::new(self.scratch::<M>(sizes.q_row, sizes.dv_pad)?)))
+            .collect::<CoreResult<Vec<Mutex<Scratch<'_, M>>>>>()?;
         let out = OutRows::new(out);
 
         for g0 in (0..bh).step_by(group) {
@@ -182,8 +186,7 @@ impl<T: Element + OutElement> Args<'_, T> {
                 let i0 = (task % q_blocks) * bq;
                 let slot = rayon::current_thread_index().unwrap_or(0) % threads;
                 let mut guard = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
-                let scratch =
-                    guard.get_or_insert_with(|| self.scratch::<M>(sizes.q_row, sizes.dv_pad));
+                let scratch = &mut *guard;
                 let task = Task {
                     head: (head / heads, head % heads),
                     i0,
@@ -198,18 +201,21 @@ impl<T: Element + OutElement> Args<'_, T> {
         Ok(())
     }
 
-    fn scratch<M: Micro>(&self, q_row: usize, dv_pad: usize) -> Scratch<'_, M> {
+    fn scratch<M: Micro>(&self, q_row: usize, dv_pad: usize) -> CoreResult<Scratch<'_, M>> {
         let (bq, bk) = (self.blocks.block_q, self.blocks.block_kv);
         let z = self.meter;
-        Scratch {
-            q: z.zeroed(bq * q_row),
-            s: z.zeroed(bq * bk),
-            p: z.zeroed(if M::SEPARATE_P { bq * bk } else { 0 }),
-            o: z.zeroed(bq * dv_pad),
-            m: z.zeroed(bq),
-            l: z.zeroed(bq),
-            corr: z.zeroed(bq),
-        }
+        let scores = bq.checked_mul(bk).ok_or_else(|| {
+            crate::value_err!("blocks of {bq} x {bk} scores overflow the address space")
+        })?;
+        Ok(Scratch {
+            q: z.zeroed(bq * q_row)?,
+            s: z.zeroed(scores)?,
+            p: z.zeroed(if M::SEPARATE_P { scores } else { 0 })?,
+            o: z.zeroed(bq * dv_pad)?,
+            m: z.zeroed(bq)?,
+            l: z.zeroed(bq)?,
+            corr: z.zeroed(bq)?,
+        })
     }
 
     /// Runs one query block over all keys, leaving `o`, `l` in the scratch.

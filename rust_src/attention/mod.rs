@@ -189,20 +189,29 @@ pub struct KernelBytes {
 }
 
 /// Working memory of the kernel for `dims` with `blocks` on `threads` threads and `engine` (exact: the
-/// kernel allocates exactly these buffers, each thread's lazily on its first task).
+/// kernel allocates exactly these buffers before its tasks start). Saturates instead of overflowing.
 pub fn kernel_bytes(engine: Engine, dims: &Dims, blocks: &Blocks, threads: usize) -> KernelBytes {
     let b = blocks.clamped(dims);
     let e = engine.layout_sizes(dims.head_dim, dims.v_head_dim);
     let panels = dims.kv_len.div_ceil(PANEL);
-    let per_thread = b.block_q * e.q_row * e.elem_bytes
-        + b.block_q * b.block_kv * (4 + e.p_bytes)
-        + b.block_q * e.dv_pad * 4
-        + 3 * b.block_q * 4;
-    let packed_kv = b.heads_per_group * panels * (e.k_panel + e.v_panel) * e.elem_bytes;
+    let per_thread = b
+        .block_q
+        .saturating_mul(e.q_row * e.elem_bytes + e.dv_pad * 4 + 3 * 4)
+        .saturating_add(
+            b.block_q
+                .saturating_mul(b.block_kv)
+                .saturating_mul(4 + e.p_bytes),
+        );
+    let packed_kv = b
+        .heads_per_group
+        .saturating_mul(panels)
+        .saturating_mul((e.k_panel + e.v_panel) * e.elem_bytes);
     KernelBytes {
         per_thread,
         packed_kv,
-        total: per_thread * threads.max(1) + packed_kv,
+        total: per_thread
+            .saturating_mul(threads.max(1))
+            .saturating_add(packed_kv),
     }
 }
 

@@ -6,6 +6,7 @@
 //! (Python's tracemalloc cannot see Rust allocations). Nothing else in the kernel allocates, apart from
 //! small fixed-size bookkeeping (a few words per thread), which the planner's margin covers.
 
+use crate::error::{CoreError, CoreResult};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Bytes currently allocated through it, and the most ever at once.
@@ -34,17 +35,41 @@ impl Meter {
         self.current.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// A zero-filled vector of `n` elements counted by this meter until it is dropped.
-    pub fn zeroed<T: bytemuck::Zeroable>(&self, n: usize) -> Tracked<'_, T> {
-        let v: Vec<T> = crate::alloc::zeroed_vec(n);
+    /// A zero-filled vector of `n` elements counted by this meter until it is dropped, or an error
+    /// (instead of the process abort of an infallible allocation) when the memory is not there.
+    pub fn zeroed<T: bytemuck::Zeroable>(&self, n: usize) -> CoreResult<Tracked<'_, T>> {
+        let v = try_zeroed_vec::<T>(n)?;
         let bytes = std::mem::size_of_val(v.as_slice());
         self.add(bytes);
-        Tracked {
+        Ok(Tracked {
             v,
             bytes,
             meter: self,
-        }
+        })
     }
+}
+
+fn try_zeroed_vec<T: bytemuck::Zeroable>(n: usize) -> CoreResult<Vec<T>> {
+    let too_big = || {
+        CoreError::Value(format!(
+            "attention working memory of {n} x {} bytes could not be allocated; use smaller blocks \
+             (or a smaller budget for the planner)",
+            std::mem::size_of::<T>()
+        ))
+    };
+    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| too_big())?;
+    if layout.size() == 0 {
+        return Ok(Vec::new());
+    }
+    // SAFETY: `layout` has a non-zero size (checked above), as `alloc_zeroed` requires.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
+    if ptr.is_null() {
+        return Err(too_big());
+    }
+    // SAFETY: `ptr` was allocated by the global allocator with the layout of `[T; n]` (size and alignment
+    // match what `Vec<T>` with capacity `n` deallocates), and all `n` elements are initialized: they are
+    // zero bytes, a valid `T` because `T: Zeroable`.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
 /// A vector whose bytes count on a `Meter` while it lives.
@@ -81,12 +106,21 @@ mod tests {
     fn meter_keeps_the_high_water_mark() {
         let m = Meter::new();
         {
-            let _a = m.zeroed::<f32>(100);
-            let _b = m.zeroed::<u16>(10);
+            let _a = m.zeroed::<f32>(100).unwrap();
+            let _b = m.zeroed::<u16>(10).unwrap();
             assert_eq!(m.peak(), 420);
         }
-        let _c = m.zeroed::<u8>(50);
+        let _c = m.zeroed::<u8>(50).unwrap();
         assert_eq!(m.peak(), 420);
         assert_eq!(m.current.load(Ordering::Relaxed), 50);
+        assert!(m.zeroed::<u8>(0).unwrap().is_empty());
+    }
+
+    #[test]
+    fn impossible_sizes_are_errors_not_aborts() {
+        let m = Meter::new();
+        assert!(m.zeroed::<f32>(usize::MAX / 2).is_err());
+        assert!(m.zeroed::<u8>(1 << 62).is_err());
+        assert_eq!(m.peak(), 0);
     }
 }

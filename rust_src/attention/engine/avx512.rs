@@ -218,7 +218,8 @@ impl Micro for Bf16 {
         sub: f32,
         p: &mut [u16],
     ) -> f32 {
-        assert!(n <= n_pad && n_pad <= s.len() && n_pad <= p.len());
+        // Whole 16-lane stores up to n_pad.
+        assert!(n <= n_pad && n_pad <= s.len() && n_pad <= p.len() && n_pad.is_multiple_of(16));
         call!(self, x86::exp_row_bf16(s, n, n_pad, c, sub, p))
     }
 
