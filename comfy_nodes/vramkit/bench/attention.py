@@ -157,10 +157,13 @@ def _mib(r: Result | None) -> object:
     return "-" if r is None or r.peak_extra is None else r.peak_extra / 2**20
 
 
-def run(repeats: int = 7, quick: bool = False) -> str:
-    """Times and measures every case; returns the tables as text."""
-    seqs = (1024, 4096) if quick else (1024, 4096, 16384)
-    dims = (64,) if quick else (64, 128)
+def run(repeats: int = 7, quick: bool = False, *, seqs: tuple[int, ...] | None = None,
+        dims: tuple[int, ...] | None = None) -> str:
+    """Times and measures every case (sequence lengths `seqs`, head dims `dims`; by default 1024, 4096 and
+    16384 tokens with head dims 64 and 128, or 1024 and 4096 tokens with head dim 64 when `quick`);
+    returns the tables as text."""
+    seqs = seqs or ((1024, 4096) if quick else (1024, 4096, 16384))
+    dims = dims or ((64,) if quick else (64, 128))
     budget_s = QUICK_TIME_BUDGET_S if quick else TIME_BUDGET_S
     if quick:
         repeats = min(repeats, 3)
