@@ -439,3 +439,51 @@ fn measured_scratch_never_exceeds_the_prediction() {
         }
     }
 }
+
+/// Micro-benchmark of the engines' GEMMs alone on attention block shapes (single thread):
+/// `cargo test --release --lib gemm_speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn gemm_speed() {
+    use super::engine::{avx512, portable::Portable, Micro};
+    fn time<M: Micro>(eng: M, name: &str, d: usize) {
+        let (rows, keys, dv_pad) = (128usize, 512usize, d);
+        let sizes = M::ENGINE.layout_sizes(d, d);
+        let q = vec![bytemuck::Zeroable::zeroed(); rows * sizes.q_row];
+        let k = vec![bytemuck::Zeroable::zeroed(); keys / PANEL * sizes.k_panel];
+        let v = vec![bytemuck::Zeroable::zeroed(); keys / PANEL * sizes.v_panel];
+        let p = vec![bytemuck::Zeroable::zeroed(); rows * keys];
+        let mut s = vec![0f32; rows * keys];
+        let mut o = vec![0f32; rows * dv_pad];
+        let corr = vec![1f32; rows];
+        let reps = 400;
+        let flops = 2.0 * (rows * keys * d * reps) as f64;
+        let mut best = [f64::MAX; 2];
+        for _ in 0..5 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                eng.qk(&q, sizes.q_row, rows, d, &k, keys / PANEL, &mut s, keys);
+            }
+            best[0] = best[0].min(t.elapsed().as_secs_f64());
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                eng.pv(&p, keys, rows, keys, &v, dv_pad, &mut o, &corr);
+            }
+            best[1] = best[1].min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{name} d={d}: QK^T {:.0} GFLOP/s, PV {:.0} GFLOP/s",
+            flops / best[0] / 1e9,
+            flops / best[1] / 1e9
+        );
+    }
+    for d in [64, 128] {
+        time(Portable, "portable", d);
+        if let Some(e) = avx512::F32::detect() {
+            time(e, "avx512", d);
+        }
+        if let Some(e) = avx512::Bf16::detect() {
+            time(e, "avx512-bf16", d);
+        }
+    }
+}
