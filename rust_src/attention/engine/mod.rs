@@ -9,11 +9,17 @@
 //!   products, f32 sums) for both GEMMs; probabilities are rounded to bf16 for the P V product, as torch's
 //!   bf16 flash kernel and ComfyUI's attention do.
 //!
-//! Why hand-written AVX-512: on the 2-core Zen 5 this was written on, a register-only loop measured
-//! 133 GFLOP/s per core of f32 FMA with 256-bit vectors, 265 with 512-bit ones and 490 with `vdpbf16ps`;
-//! torch's SDPA reached 183 (f32) and 171 (bf16) GFLOP/s on both cores at 4096 tokens, D = 64. The
-//! portable engine (AVX2 code generated from plain loops) reached 164 there, the AVX-512 engines 411 (f32)
-//! and 660 (bf16); `vramkit bench attention` measures them against torch on any machine.
+//! Why hand-written micro-kernels (measured on the 2-core Zen 5 this was written on, one thread):
+//! - register-only loops peak at 133 GFLOP/s of f32 FMA with 256-bit vectors, 265 with 512-bit ones and
+//!   490 with `vdpbf16ps`;
+//! - on 128 x 512 attention blocks (`tests.rs: gemm_speed`, D = 64), the `Avx512` GEMMs run at 262 (Q K^T)
+//!   and 260 (P V) GFLOP/s, faer 0.24 (`Par::Seq`, which picks AVX-512 at run time) at 247 and 251, the
+//!   `Avx512Bf16` ones at 518 and 511, and the portable ones at 128 and 121;
+//! - so they match faer in f32, double it in bf16 (faer has no bf16 dot products), cost no dependency, and
+//!   K and V are packed once per head for every query block instead of once per GEMM call.
+//!
+//! End to end on both cores at 4096 tokens, D = 64 (`vramkit bench attention`, quiet machine): the `Avx512`
+//! engine 411 GFLOP/s and `Avx512Bf16` 660, against torch SDPA's 182 (f32) and 175 (bf16); portable 164.
 
 pub(super) mod avx512;
 pub(super) mod pack;
