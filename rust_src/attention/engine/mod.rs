@@ -18,7 +18,7 @@
 //! - so they match faer in f32, double it in bf16 (faer has no bf16 dot products), cost no dependency, and
 //!   K and V are packed once per head for every query block instead of once per GEMM call.
 //!
-//! End to end on both cores at 4096 tokens, D = 64 (`vramkit bench attention`, quiet machine): the `Avx512`
+//! End to end on both cores at 4096 tokens, 8 heads, D = 64 (`_core.attention`, quiet machine): `Avx512`
 //! engine 411 GFLOP/s and `Avx512Bf16` 660, against torch SDPA's 182 (f32) and 175 (bf16); portable 164.
 
 pub(super) mod avx512;
