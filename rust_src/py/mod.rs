@@ -2,6 +2,7 @@
 //! `CoreError` to Python exceptions. No numerics live here.
 
 mod arrays;
+mod attention;
 mod quant;
 
 use crate::error::CoreError;
@@ -13,6 +14,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(copy_bytes, m)?)?;
     quant::register(m)?;
+    attention::register(m)?;
     Ok(())
 }
 
