@@ -4,6 +4,7 @@
 //! know nothing of Python; `py` is the thin binding layer (numpy views, GIL release, error mapping).
 
 pub mod alloc;
+pub mod attention;
 pub mod error;
 pub mod plan;
 mod py;

@@ -27,8 +27,8 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
-    table = demo.run(blocks=2, tokens=64, dim=128, heads=4)
-    lines = table.splitlines()
+    quant_table, attention_table = demo.run(blocks=2, tokens=256, dim=128, heads=4).split("\n\n")
+    lines = quant_table.splitlines()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[3:]}
     assert set(rows) == {"bf16 (reference)", *(s.label for s in demo.SCHEMES)}
     for label, cells in rows.items():
@@ -39,6 +39,14 @@ def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
     best = max(snr, key=snr.__getitem__)
     assert best == "int8 group-64 (VRAMKit default)"
     assert snr["int8 per-channel"] > snr["int8 per-tensor (ComfyUI int8_tensorwise)"]
+
+    modes = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in attention_table.splitlines()[3:]}
+    assert set(modes) == set(demo.ATTENTION_MODES)
+    chunked = modes["chunked"]
+    assert float(chunked[0]) > 0 and float(chunked[3]) > 0
+    assert float(chunked[2].rstrip("%")) < 100  # linear memory: below one N x N score matrix
+    assert float(chunked[4]) > 30  # the same outputs as sdpa up to bf16 rounding
 
 
 def test_demo_refuses_nonsense() -> None:

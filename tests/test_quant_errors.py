@@ -152,10 +152,14 @@ def test_qtensor_reports_its_storage() -> None:
 
 # --- the Rust module's own checks (callers that use vramkit._core directly) --------------------------------
 
-def test_core_refuses_non_contiguous_arrays() -> None:
-    a = np.zeros((8, 8), np.float32)[:, ::2]
+def test_core_refuses_non_contiguous_and_fortran_ordered_arrays() -> None:
+    for a in (np.zeros((8, 8), np.float32)[:, ::2], np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))):
+        with pytest.raises(ValueError, match="C-contiguous"):
+            _core.fp8_cast(a, "fp8_e4m3fn")
+        with pytest.raises(ValueError, match="C-contiguous"):
+            _core.quantize(a, "int8", 4)
     with pytest.raises(ValueError, match="C-contiguous"):
-        _core.fp8_cast(a, "fp8_e4m3fn")
+        _core.fp8_cast(np.ones((3, 4), np.float32), "fp8_e4m3fn", out=np.zeros((3, 4), np.uint8, order="F"))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.int32, np.int8])

@@ -62,6 +62,74 @@ def error_stats(x: FloatArray, codes: CodeArray, fmt: Format, scales: npt.NDArra
     """Error of the dequantized codes (float32) against `x`, in one pass accumulated in float64:
     max |err|, root mean square error, and SNR in dB (`10 log10(sum x^2 / sum err^2)`, inf when exact)."""
 
+# --- attention (rust_src/attention, rust_src/plan/attention.rs) ---------------------------------------------
+
+AttentionEngine = Literal["portable", "avx512", "avx512-bf16"]
+MaskArray = npt.NDArray[np.bool_] | FloatArray
+"""bool (True = attend) or additive float32 / float16 / uint16 holding bfloat16 bits."""
+
+class AttentionStats(TypedDict):
+    engine: AttentionEngine
+    block_q: int
+    block_kv: int
+    heads_per_group: int
+    threads: int
+    peak_scratch_bytes: int
+    """Working memory the kernel held at most at once, counted allocation by allocation (output excluded)."""
+    predicted_scratch_bytes: int
+    """What the planner's model gives for this call; never below `peak_scratch_bytes`."""
+
+class AttentionPlan(TypedDict):
+    block_q: int
+    block_kv: int
+    heads_per_group: int
+    threads: int
+    torch_threads: int
+    engine: AttentionEngine | None
+    kernel_peak_bytes: int
+    """Rust kernel: threads x per-thread blocks + packed K/V of `heads_per_group` heads."""
+    kernel_per_thread_bytes: int
+    kernel_packed_kv_bytes: int
+    kernel_fits: bool
+    chunk_q: int
+    chunk_kv: int
+    torch_peak_bytes: int
+    """torch chunked path (`vramkit.attention_torch.chunked`) with these chunks."""
+    torch_fits: bool
+    slice: int
+    sliced_peak_bytes: int
+    """Attention slicing, `slice` (batch * head) pairs at a time."""
+    sliced_fits: bool
+    scores_bytes: int
+    """The whole (B, H, Nq, Nk) score matrix in the input dtype, for comparison."""
+    summary: str
+
+def attention(q: FloatArray, k: FloatArray, v: FloatArray, heads: int | None = None,
+              mask: MaskArray | None = None, scale: float | None = None, *, block_q: int | None = None,
+              block_kv: int | None = None, heads_per_group: int | None = None,
+              engine: Literal["auto", "portable", "avx512", "avx512-bf16"] = "auto"
+              ) -> tuple[FloatArray, AttentionStats]:
+    """Flash-style attention `softmax(scale * q k^T + mask) v` on the CPU (rayon, GIL released), memory
+    O(blocks) instead of O(Nq * Nk). q, k, v share one dtype; they are (B, H, N, D) when `heads` is None,
+    else (B, N, heads * D) (v may have another head dim than q and k). The output has q's layout and
+    dtype. `mask` is 4-D (B|1, H|1, Nq|1, Nk|1). `scale` defaults to 1/sqrt(D). All arithmetic is float32
+    (on "avx512-bf16", bf16 products are exact and summed in float32; probabilities are rounded to bf16 for
+    P V). A query whose keys are all masked out, or any query when Nk == 0, gets zeros; NaN inputs reach
+    the outputs they touch. Unset block sizes come from the planner. Returns (output, stats)."""
+
+def attention_engines() -> list[AttentionEngine]:
+    """The engines this CPU runs ("portable" always; "avx512" needs AVX-512F; "avx512-bf16" AVX-512 BF16)."""
+
+def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
+                   budget_bytes: int, *, v_head_dim: int | None = None, threads: int | None = None,
+                   torch_threads: int | None = None, engine: AttentionEngine | None = None) -> AttentionPlan:
+    """Block and chunk sizes for every attention mode under `budget_bytes` of extra memory (0 = no limit),
+    with each mode's predicted peak extra bytes (upper bounds of the measured ones) and whether it fits.
+    `threads` defaults to the rayon pool's size; `torch_threads` (torch's CPU threads, 0 for GPUs) sizes
+    the workspace of torch's half-precision CPU GEMMs; `engine` None plans for the most demanding engine."""
+
+# --- offload planner (rust_src/plan/offload.rs) --------------------------------------------------------------
+
 class OffloadPlan(TypedDict):
     resident: list[bool]
     resident_bytes: int

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import demo_model
+from . import attention, demo_model
 from .bench.timing import format_table
 from .qmodules import quantize_linears
 
@@ -94,4 +94,33 @@ def run(blocks: int = 12, seed: int = 0, tokens: int = 1024, dim: int = 512, hea
     headers = ["format", "weight bytes", "compression", "output SNR dB", "max abs err", "quantize ms", "run ms"]
     title = (f"vramkit demo: {blocks}-block transformer (dim {dim}, {heads} heads, {tokens} tokens), "
              f"weight-only quantization, output compared with the bf16 run")
+    return "\n".join([title, format_table(headers, rows), "", attention_table(base, x, reference, heads)])
+
+
+ATTENTION_MODES = ("sdpa", "chunked", "sliced")
+
+
+def attention_table(model: demo_model.TinyTransformer, x: torch.Tensor, reference: torch.Tensor,
+                    heads: int) -> str:
+    """One row per attention mode: a single attention call of the model's shape (time, peak extra memory
+    against the full score matrix) and the whole bf16 model run with that mode."""
+    b, n, d = x.shape
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(b, heads, n, d // heads, generator=g).to(x.dtype) for _ in range(3))
+    scores = b * heads * n * n * 4  # one float32 N x N score matrix per head: what "standard" attention holds
+    rows: list[list[object]] = []
+    for mode in ATTENTION_MODES:
+        seconds, peak = attention.measure_mode(q, k, v, mode)
+        model.set_attention(lambda q, k, v, mode=mode: attention.attention(q, k, v, mode=mode))
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model(x)
+            run_s = time.perf_counter() - start
+        rows.append([mode, f"{1000 * seconds:.1f}", f"{peak / 2**20:.2f} MiB", f"{100 * peak / scores:.1f}%",
+                     f"{1000 * run_s:.0f}", snr_db(reference, out)])
+    model.set_attention(demo_model.sdpa)
+    headers = ["attention mode", "attention ms", "peak attention memory", "of N x N scores", "model run ms",
+               "output SNR dB vs sdpa"]
+    title = (f"attention modes: one call of {b}x{heads} heads x {n} tokens x {d // heads} ({x.dtype}), "
+             f"and the whole model run with each mode")
     return title + "\n" + format_table(headers, rows)

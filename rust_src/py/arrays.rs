@@ -69,7 +69,12 @@ pub fn describe(obj: &Bound<'_, PyAny>) -> String {
     }
 }
 
+/// The elements of a C-ordered array. `as_slice` alone also accepts Fortran-ordered arrays, whose memory
+/// order is not the row-major order every kernel assumes, so C order is checked first.
 pub fn slice<'a, T: NpElement>(name: &str, a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
+    if !a.is_c_contiguous() {
+        return Err(not_contiguous(name));
+    }
     a.as_slice().map_err(|_| not_contiguous(name))
 }
 
@@ -77,6 +82,9 @@ pub fn slice_mut<'a, T: NpElement>(
     name: &str,
     a: &'a mut PyReadwriteArrayDyn<'_, T>,
 ) -> PyResult<&'a mut [T]> {
+    if !a.is_c_contiguous() {
+        return Err(not_contiguous(name));
+    }
     a.as_slice_mut().map_err(|_| not_contiguous(name))
 }
 

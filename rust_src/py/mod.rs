@@ -2,6 +2,7 @@
 //! `CoreError` to Python exceptions. No numerics live here.
 
 mod arrays;
+mod attention;
 mod plan_offload;
 mod quant;
 
@@ -14,6 +15,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(copy_bytes, m)?)?;
     quant::register(m)?;
+    attention::register(m)?;
     plan_offload::register(m)?;
     Ok(())
 }

@@ -71,7 +71,7 @@ pub fn block_count(n: usize, block_len: usize) -> CoreResult<usize> {
     if block_len == 0 {
         return Err(CoreError::Value("block length must be positive".into()));
     }
-    if n % block_len != 0 {
+    if !n.is_multiple_of(block_len) {
         return Err(CoreError::Value(format!(
             "{n} elements do not split into blocks of {block_len}"
         )));

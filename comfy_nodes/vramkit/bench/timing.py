@@ -55,7 +55,9 @@ def _fmt(value: object) -> str:
             return f"{value:.0f}"
         if abs(value) >= 10:
             return f"{value:.1f}"
-        return f"{value:.2f}"
+        if value == 0 or abs(value) >= 0.1:
+            return f"{value:.2f}"
+        return f"{value:.2g}"  # small rates keep two significant digits rather than printing 0.00
     return str(value)
 
 

@@ -1,0 +1,164 @@
+"""Attention without the N x N matrix: `attention(q, k, v, heads=None, mask=None, scale=None, mode="auto")`.
+
+Modes (the attention modes of the VRAM guide; they are alternatives, pick one):
+
+- ``"sdpa"``: torch's ``scaled_dot_product_attention`` (flash / memory-efficient kernels where torch has
+  them).
+- ``"chunked"``: memory-efficient attention. On CPU tensors, the Rust kernel (`vramkit._core.attention`:
+  query and key blocks with an online softmax, faster than torch's SDPA on AVX-512 CPUs); on other devices
+  the same math with torch ops over chunks of queries and keys (`attention_torch.chunked`). Block and chunk
+  sizes come from the planner (`vramkit._core.plan_attention`) under `budget_bytes`.
+- ``"sliced"``: attention slicing, the last resort: a few (batch, head) pairs at a time, each with its
+  whole score matrix.
+- ``"sage"``, ``"flash"``, ``"xformers"``: the external kernels when installed and usable for the call
+  (CUDA, half precision, no mask); otherwise a warning is logged once and ``"auto"``'s choice runs.
+- ``"auto"``: the fastest mode whose predicted extra memory fits `budget_bytes` on the tensors' device
+  (CPU: chunked, sdpa, sliced; CUDA and others: sdpa, chunked, sliced).
+
+Semantics (all modes): ``softmax(scale * q k^T + mask) v`` per batch and head, with q, k, v
+(B, H, N, D) when `heads` is None and (B, N, H * D) when it is given; the output has q's layout and dtype
+and v's head dim. `mask` is bool (True = attend) or an additive float, broadcastable to (B, H, Nq, Nk)
+as in torch. `scale` defaults to 1/sqrt(D). A query row whose keys are all masked out gives zeros, and so
+does every row when there are no keys; NaN in the inputs reaches the outputs it touches, as in torch.
+Scores and the softmax are float32 in every mode but "sdpa", whose precision is torch's;
+`attn_precision=torch.float32` runs "sdpa" on float32 copies of half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _core, attention_torch
+from .attention_external import run_external, warn_once
+from .attention_measure import peak_bytes
+from .attention_plan import available_bytes, choose_mode, plan
+from .attention_problem import DTYPES, Problem, needs_grad, prepare
+
+MODES: tuple[str, ...] = ("auto", "sdpa", "chunked", "sliced", "sage", "flash", "xformers")
+EXTERNAL_MODES: tuple[str, ...] = ("sage", "flash", "xformers")
+
+__all__ = ["DTYPES", "MODES", "Problem", "attention", "available_bytes", "choose_mode", "last_kernel_stats",
+           "make_comfy_override", "measure_mode", "plan", "prepare"]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None,
+              mask: torch.Tensor | None = None, scale: float | None = None, mode: str = "auto", *,
+              budget_bytes: int | None = None, attn_precision: torch.dtype | None = None) -> torch.Tensor:
+    """``softmax(scale * q k^T + mask) v`` in `mode` (see the module docs).
+
+    `budget_bytes` bounds the extra memory (beyond inputs and output) that "auto" and "chunked" plan for;
+    None means the memory currently free on the device.
+    """
+    p = prepare(q, k, v, heads, mask, scale, attn_precision)
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
+    if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
+                                     or budget_bytes < 0):
+        raise ValueError(f"budget_bytes must be a non-negative int or None; got {budget_bytes!r}")
+    return _run(p, mode, budget_bytes)
+
+
+def _run(p: Problem, mode: str, budget_bytes: int | None) -> torch.Tensor:
+    if p.batch * p.heads * p.q_len * p.v_head_dim == 0 or p.kv_len == 0:
+        return p.new_output()[0].zero_()
+    if mode in EXTERNAL_MODES:
+        out, out4 = p.new_output()
+        if run_external(p, mode, out4):
+            return out
+        del out, out4
+        mode = "auto"
+    if mode == "auto":
+        mode = choose_mode(p, budget_bytes)
+    if mode != "sdpa" and needs_grad(p):
+        # The Rust kernel has no backward and the torch paths work in place: SDPA is differentiable.
+        warn_once(mode, "gradients are needed and only 'sdpa' has a backward pass", "'sdpa'")
+        mode = "sdpa"
+    if mode == "chunked" and p.device.type == "cpu":
+        return _rust(p, budget_bytes)
+    out, out4 = p.new_output()
+    if mode == "sdpa":
+        attention_torch.sdpa(p.q, p.k, p.v, p.mask, p.scale, p.upcast, out4)
+    elif mode == "chunked":
+        pl = plan(p, budget_bytes)
+        attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out4, pl["chunk_q"], pl["chunk_kv"])
+    else:
+        pl = plan(p, budget_bytes)
+        attention_torch.sliced(p.q, p.k, p.v, p.mask, p.scale, out4, pl["slice"])
+    return out
+
+
+# --- the Rust kernel (CPU) ----------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def last_kernel_stats() -> dict[str, Any] | None:
+    """What the Rust kernel reported for the last call on this thread (engine, blocks, scratch bytes)."""
+    return getattr(_local, "stats", None)
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.contiguous()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _rust(p: Problem, budget_bytes: int | None) -> torch.Tensor:
+    if p.heads_layout:
+        q, k, v = (t.transpose(1, 2).flatten(2) for t in (p.q, p.k, p.v))
+        heads: int | None = p.heads
+    else:
+        q, k, v, heads = p.q, p.k, p.v, None
+    mask = None
+    if p.mask is not None:
+        m = p.mask if p.mask.dtype in (torch.bool, *DTYPES) else p.mask.float()
+        mask = _as_numpy(m)
+    blocks: dict[str, int] = {}
+    if budget_bytes is not None:
+        pl = plan(p, budget_bytes)
+        blocks = {"block_q": pl["block_q"], "block_kv": pl["block_kv"], "heads_per_group": pl["heads_per_group"]}
+    out, stats = _core.attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), heads, mask, p.scale, **blocks)
+    _local.stats = stats
+    res = torch.from_numpy(out)
+    return res.view(torch.bfloat16) if p.q.dtype == torch.bfloat16 else res
+
+
+# --- measuring (for the demo and the bench) -----------------------------------------------------------------
+
+def measure_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *, heads: int | None = None,
+                 mask: torch.Tensor | None = None, scale: float | None = None, repeats: int = 3,
+                 budget_bytes: int | None = None) -> tuple[float, int]:
+    """Times `attention(q, k, v, heads, mask, scale, mode)` and measures its memory.
+
+    Returns (median seconds over `repeats` runs after one untimed run, peak extra bytes): the most bytes
+    the call had allocated at once beyond its inputs and its output (torch's allocator on CUDA, torch's
+    profiler on CPU, plus the Rust kernel's own count of its scratch for "chunked" on CPU).
+    """
+    p = prepare(q, k, v, heads, mask, scale)
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
+    _local.stats = None
+    out, peak = peak_bytes(lambda: _run(p, mode, budget_bytes), p.device)
+    stats = last_kernel_stats()
+    torch_out = 0 if stats is not None else out.numel() * out.element_size()
+    extra = max(0, peak - torch_out) + (stats["peak_scratch_bytes"] if stats is not None else 0)
+    del out
+    times = []
+    for _ in range(max(1, repeats)):
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        start = time.perf_counter()
+        res = _run(p, mode, budget_bytes)
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        times.append(time.perf_counter() - start)
+        del res
+    return statistics.median(times), extra
+
+
+from .attention_override import make_comfy_override  # noqa: E402  (it calls back into this module)

@@ -1,0 +1,87 @@
+"""Which attention mode and which chunk sizes: the Rust planner's answer for a call, the device's free
+memory, and `choose_mode`, the fastest mode whose predicted extra memory fits a budget."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from . import _core
+from .attention_problem import Problem
+
+log = logging.getLogger("vramkit.attention")
+
+
+def plan(p: Problem, budget_bytes: int | None = None) -> dict[str, Any]:
+    """The planner's answer for this call (`vramkit._core.plan_attention`) under `budget_bytes` (None:
+    the device's free memory)."""
+    budget = available_bytes(p.device) if budget_bytes is None else budget_bytes
+    cpu = p.device.type == "cpu"
+    return _core.plan_attention(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim, p.q.element_size(), budget,
+                                v_head_dim=p.v_head_dim, engine=_rust_engine(p.q.dtype) if cpu else None,
+                                torch_threads=torch.get_num_threads() if cpu else 0)
+
+
+def _rust_engine(dtype: torch.dtype) -> str:
+    engines = _core.attention_engines()
+    if dtype == torch.bfloat16 and "avx512-bf16" in engines:
+        return "avx512-bf16"
+    return "avx512" if "avx512" in engines else "portable"
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free on `device` now (CUDA: the driver's free memory; CPU: MemAvailable; else 0 = no limit)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            return 0
+    return 0
+
+
+def _sdpa_bytes(p: Problem) -> int:
+    """A rough upper bound of SDPA's extra memory: torch's CPU flash kernel keeps 256 x 512 score blocks and
+    a 256-row accumulator per thread; CUDA's flash and memory-efficient kernels keep a logsumexp per row;
+    a mask may be converted to q's dtype and expanded to (B, H, Nq, Nk)."""
+    e = p.q.element_size()
+    if p.device.type == "cpu":
+        base = torch.get_num_threads() * (256 * 512 * (4 + e) + 256 * (p.v_head_dim + 4) * 4)
+    else:
+        base = p.batch * p.heads * p.q_len * 4 * 2
+    if p.upcast:
+        base += 4 * p.batch * p.heads * ((p.q_len + p.kv_len) * p.head_dim + p.kv_len * p.v_head_dim)
+    if p.mask is not None:
+        base += p.batch * p.heads * p.q_len * p.kv_len * e
+    return base + p.batch * p.heads * p.q_len * p.v_head_dim * (4 + e)
+
+
+def choose_mode(p: Problem, budget_bytes: int | None = None) -> str:
+    """The fastest mode whose predicted extra memory fits the budget on the tensors' device."""
+    pl = plan(p, budget_bytes)
+    budget = available_bytes(p.device) if budget_bytes is None else budget_bytes
+    predicted = {
+        "chunked": pl["kernel_peak_bytes"] if p.device.type == "cpu" else pl["torch_peak_bytes"],
+        "sdpa": _sdpa_bytes(p),
+        "sliced": pl["sliced_peak_bytes"],
+    }
+    order = ("chunked", "sdpa", "sliced") if p.device.type == "cpu" else ("sdpa", "chunked", "sliced")
+    for mode in order:
+        if budget == 0 or predicted[mode] <= budget:
+            log.debug("attention auto: %s (predicted %d bytes, budget %d)", mode, predicted[mode], budget)
+            return mode
+    smallest = min(order, key=lambda m: predicted[m])
+    log.warning("attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
+                ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
+    return smallest

@@ -1,0 +1,214 @@
+//! Attention masks: boolean (true = attend) or additive float, broadcast over (batch, heads, q, k).
+
+use super::Dims;
+use crate::error::CoreResult;
+use crate::quant::Element;
+use crate::simd::multiversion;
+use crate::value_err;
+use half::{bf16, f16};
+use std::f32::consts::LOG2_E;
+
+/// The values of a mask, row-major over its `shape`.
+#[derive(Debug, Clone, Copy)]
+pub enum MaskValues<'a> {
+    /// `true` keeps the key, `false` masks it out (its weight is exactly 0).
+    Bool(&'a [bool]),
+    /// Added to the scaled scores before the softmax (`-inf` masks a key out).
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Bf16(&'a [bf16]),
+}
+
+/// A mask of `shape` = (batch, heads, q_len, kv_len), where each size is either the full size or 1
+/// (broadcast), as torch broadcasts `attn_mask`.
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a> {
+    pub values: MaskValues<'a>,
+    pub shape: [usize; 4],
+}
+
+/// Element offsets of one step along each mask dimension (0 for broadcast ones).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MaskStrides([usize; 4]);
+
+impl Mask<'_> {
+    fn len(&self) -> usize {
+        match self.values {
+            MaskValues::Bool(v) => v.len(),
+            MaskValues::F32(v) => v.len(),
+            MaskValues::F16(v) => v.len(),
+            MaskValues::Bf16(v) => v.len(),
+        }
+    }
+
+    /// An error unless the mask broadcasts to `dims` and holds exactly its shape's elements.
+    pub fn check(&self, dims: &Dims) -> CoreResult<()> {
+        let full = [dims.batch, dims.heads, dims.q_len, dims.kv_len];
+        let ok = self.shape.iter().zip(full).all(|(&m, f)| m == f || m == 1);
+        if !ok {
+            return Err(value_err!(
+                "mask shape {:?} does not broadcast to (batch, heads, q_len, kv_len) = {full:?}; each \
+                 size must be 1 or the full size",
+                self.shape
+            ));
+        }
+        let want = self.shape.iter().product::<usize>();
+        if self.len() != want {
+            return Err(value_err!(
+                "mask has {} elements but its shape {:?} needs {want}",
+                self.len(),
+                self.shape
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn strides(&self) -> MaskStrides {
+        let [_, h, q, k] = self.shape;
+        let s = [h * q * k, q * k, k, 1];
+        MaskStrides(std::array::from_fn(|i| {
+            if self.shape[i] == 1 {
+                0
+            } else {
+                s[i]
+            }
+        }))
+    }
+
+    /// Turns raw scores `s` of query row `i` against keys `j0..j0 + s.len()` into log2-domain logits:
+    /// `s * c + mask * log2(e)` (additive) or `s * c` / `-inf` (boolean), with `c = scale * log2(e)`.
+    pub(super) fn apply_row(
+        &self,
+        st: MaskStrides,
+        (b, h, i): (usize, usize, usize),
+        j0: usize,
+        s: &mut [f32],
+        c: f32,
+    ) {
+        let [sb, sh, si, sj] = st.0;
+        let base = b * sb + h * sh + i * si + j0 * sj;
+        let n = s.len();
+        match self.values {
+            MaskValues::Bool(m) => {
+                if sj == 0 {
+                    apply_bool_scalar(s, m[base], c)
+                } else {
+                    apply_bool(s, &m[base..base + n], c)
+                }
+            }
+            MaskValues::F32(m) => apply_add_any(s, m, base, sj, c),
+            MaskValues::F16(m) => apply_add_any(s, m, base, sj, c),
+            MaskValues::Bf16(m) => apply_add_any(s, m, base, sj, c),
+        }
+    }
+}
+
+fn apply_add_any<M: Element>(s: &mut [f32], m: &[M], base: usize, sj: usize, c: f32) {
+    if sj == 0 {
+        let add = m[base].to_f32() * LOG2_E;
+        scale_add(s, c, add);
+    } else {
+        apply_add(s, &m[base..base + s.len()], c);
+    }
+}
+
+/// Scores of a row with no mask but a scale that the fast path does not take (`c <= 0` or not finite).
+pub(super) fn scale_row(s: &mut [f32], c: f32) {
+    scale_add(s, c, 0.0);
+}
+
+multiversion!(fn apply_add<M: Element>(s: &mut [f32], m: &[M], c: f32) => apply_add_loop);
+multiversion!(fn apply_bool(s: &mut [f32], m: &[bool], c: f32) => apply_bool_loop);
+multiversion!(fn scale_add(s: &mut [f32], c: f32, add: f32) => scale_add_loop);
+
+#[inline(always)]
+fn apply_add_loop<M: Element>(s: &mut [f32], m: &[M], c: f32) {
+    for (x, &a) in s.iter_mut().zip(m) {
+        *x = *x * c + a.to_f32() * LOG2_E;
+    }
+}
+
+#[inline(always)]
+fn apply_bool_loop(s: &mut [f32], m: &[bool], c: f32) {
+    for (x, &keep) in s.iter_mut().zip(m) {
+        *x = if keep { *x * c } else { f32::NEG_INFINITY };
+    }
+}
+
+#[inline(always)]
+fn scale_add_loop(s: &mut [f32], c: f32, add: f32) {
+    for x in s.iter_mut() {
+        *x = *x * c + add;
+    }
+}
+
+fn apply_bool_scalar(s: &mut [f32], keep: bool, c: f32) {
+    if keep {
+        scale_row(s, c);
+    } else {
+        s.fill(f32::NEG_INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims() -> Dims {
+        Dims {
+            batch: 2,
+            heads: 3,
+            q_len: 4,
+            kv_len: 5,
+            head_dim: 8,
+            v_head_dim: 8,
+        }
+    }
+
+    #[test]
+    fn shapes_must_broadcast() {
+        let v = vec![0f32; 40];
+        let ok = Mask {
+            values: MaskValues::F32(&v[..20]),
+            shape: [1, 1, 4, 5],
+        };
+        ok.check(&dims()).unwrap();
+        let bad = Mask {
+            values: MaskValues::F32(&v),
+            shape: [1, 2, 4, 5],
+        };
+        assert!(bad
+            .check(&dims())
+            .unwrap_err()
+            .to_string()
+            .contains("broadcast"));
+        let short = Mask {
+            values: MaskValues::F32(&v[..19]),
+            shape: [1, 1, 4, 5],
+        };
+        assert!(short.check(&dims()).unwrap_err().to_string().contains("19"));
+    }
+
+    #[test]
+    fn rows_pick_the_broadcast_element() {
+        // shape (2, 1, 1, 5): per batch, one row for every head and query
+        let v: Vec<f32> = (0..10).map(|x| x as f32).collect();
+        let m = Mask {
+            values: MaskValues::F32(&v),
+            shape: [2, 1, 1, 5],
+        };
+        let mut s = [0f32; 3];
+        m.apply_row(m.strides(), (1, 2, 3), 2, &mut s, 1.0);
+        assert_eq!(s, [7.0 * LOG2_E, 8.0 * LOG2_E, 9.0 * LOG2_E]);
+        let keep = [true, false];
+        let b = Mask {
+            values: MaskValues::Bool(&keep),
+            shape: [2, 1, 1, 1],
+        };
+        let mut s = [1f32, 2.0];
+        b.apply_row(b.strides(), (1, 0, 0), 0, &mut s, 2.0);
+        assert_eq!(s, [f32::NEG_INFINITY; 2]);
+        b.apply_row(b.strides(), (0, 0, 0), 0, &mut s, 2.0);
+        assert_eq!(s, [f32::NEG_INFINITY; 2]); // -inf * 2 stays -inf
+    }
+}

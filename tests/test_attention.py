@@ -1,0 +1,257 @@
+"""Every attention mode against a float64 reference: odd and cross-attention lengths, masks, both layouts,
+all dtypes, every Rust engine, and the torch chunked path (on CPU here; the same code runs on CUDA)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vramkit.attention_external
+from vramkit import _core, attention_torch
+from vramkit.attention import attention, measure_mode, prepare
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+DTYPES = list(TOL)
+MODES = ["sdpa", "chunked", "sliced", "auto"]
+
+# (batch, heads, q_len, kv_len, head_dim, v_head_dim)
+SHAPES = [
+    (1, 1, 1, 1, 8, 8),
+    (2, 3, 37, 37, 16, 16),
+    (1, 2, 130, 77, 64, 64),  # cross-attention, lengths that are no multiple of any block
+    (2, 1, 65, 513, 40, 24),
+    (1, 4, 257, 129, 128, 128),
+    (3, 2, 5, 300, 17, 33),
+]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def qkv(shape: tuple[int, ...], dtype: torch.dtype, heads_layout: bool = False, seed: int = 0
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int | None]:
+    b, h, nq, nk, d, dv = shape
+    g = gen(seed)
+    q = torch.randn(b, h, nq, d, generator=g).to(dtype)
+    k = torch.randn(b, h, nk, d, generator=g).to(dtype)
+    v = torch.randn(b, h, nk, dv, generator=g).to(dtype)
+    if heads_layout:
+        q, k, v = (t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h * t.shape[3]).contiguous() for t in (q, k, v))
+        return q, k, v, h
+    return q, k, v, None
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None,
+              mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale q k^T + mask) v in float64; rows with every key masked are 0."""
+    p = prepare(q, k, v, heads, mask, scale)
+    s = torch.einsum("bhqd,bhkd->bhqk", p.q.double(), p.k.double()) * p.scale
+    if p.mask is not None:
+        s = s.masked_fill(~p.mask, -math.inf) if p.mask.dtype == torch.bool else s + p.mask.double()
+    dead = (s == -math.inf).all(dim=-1, keepdim=True)
+    w = torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    o = torch.einsum("bhqk,bhkd->bhqd", w, p.v.double())
+    if heads is not None:
+        o = o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+    return o
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert got.shape == want.shape
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_modes_match_float64(mode: str, heads_layout: bool, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    q, k, v, heads = qkv(shape, dtype, heads_layout)
+    out = attention(q, k, v, heads, mode=mode)
+    assert out.dtype == dtype
+    assert rel_err(out, reference(q, k, v, heads)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("engine", _core.attention_engines())
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_rust_engine_matches_float64(engine: str, shape: tuple[int, ...]) -> None:
+    dtypes = [torch.bfloat16] if engine == "avx512-bf16" else DTYPES
+    for dtype in dtypes:
+        for heads_layout in (False, True):
+            q, k, v, heads = qkv(shape, dtype, heads_layout, seed=3)
+            np_ = [t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy() for t in (q, k, v)]
+            res, stats = _core.attention(*np_, heads, None, 0.37, engine=engine, block_q=29, block_kv=128)
+            out = torch.from_numpy(res)
+            out = out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+            assert stats["engine"] == engine
+            assert rel_err(out, reference(q, k, v, heads, scale=0.37)) < TOL[dtype], (dtype, heads_layout)
+
+
+def masks(b: int, h: int, nq: int, nk: int) -> list[torch.Tensor]:
+    g = gen(7)
+    keep = torch.rand(b, h, nq, nk, generator=g) > 0.3
+    keep[:, :, 1] = False  # a fully masked row in every head
+    bias = torch.randn(1, nk, generator=g)
+    bias[0, ::5] = -math.inf
+    return [
+        keep,                                   # bool, full shape
+        keep[:1, :1],                           # bool (1, 1, Nq, Nk)
+        keep[:, :1, :1],                        # bool key padding (B, 1, 1, Nk)
+        torch.randn(nq, nk, generator=g),       # additive (Nq, Nk)
+        bias,                                   # additive (1, Nk) with -inf, broadcast over queries
+        torch.where(keep, 0.0, -math.inf)[:, :1].half(),  # additive half (B, 1, Nq, Nk) with dead rows
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+@pytest.mark.parametrize("mode", ["sdpa", "chunked", "sliced"])
+def test_masks_broadcast_and_fully_masked_rows_give_zeros(mode: str, heads_layout: bool, dtype: torch.dtype) -> None:
+    shape = (2, 3, 45, 150, 32, 32)
+    q, k, v, heads = qkv(shape, dtype, heads_layout, seed=1)
+    for i, mask in enumerate(masks(2, 3, 45, 150)):
+        out = attention(q, k, v, heads, mask=mask, mode=mode)
+        want = reference(q, k, v, heads, mask)
+        assert rel_err(out, want) < TOL[dtype], i
+        if i in (0, 1):
+            rows = out[:, 1] if heads_layout else out[:, :, 1]
+            assert bool((rows == 0).all()), "a query whose keys are all masked gives zeros"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype) -> None:
+    shape = (2, 3, 61, 97, 24, 40)
+    q, k, v, _ = qkv(shape, dtype, seed=5)
+    for mask in [None, *masks(2, 3, 61, 97)]:
+        p = prepare(q, k, v, None, mask, None)
+        want = reference(q, k, v, None, mask)
+        for chunk_q, chunk_kv in [(16, 32), (61, 97), (7, 128), (64, 5)]:
+            out = torch.empty(2, 3, 61, 40, dtype=dtype)
+            attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out, chunk_q, chunk_kv)
+            assert rel_err(out, want) < TOL[dtype]
+        for size in (1, 2, 4, 6):
+            out = torch.empty(2, 3, 61, 40, dtype=dtype)
+            attention_torch.sliced(p.q, p.k, p.v, p.mask, p.scale, out, size)
+            assert rel_err(out, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sdpa", "chunked", "sliced"])
+def test_upcast_attention_is_at_least_as_accurate(mode: str, dtype: torch.dtype) -> None:
+    q, k, v, _ = qkv((1, 2, 100, 90, 64, 64), dtype, seed=2)
+    q = q * 4  # large logits: where half-precision scores lose accuracy
+    want = reference(q, k, v)
+    up = attention(q, k, v, mode=mode, attn_precision=torch.float32)
+    assert rel_err(up, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("heads_layout", [False, True])
+def test_modes_agree_with_each_other(heads_layout: bool) -> None:
+    q, k, v, heads = qkv((2, 4, 200, 333, 64, 64), torch.float32, heads_layout, seed=9)
+    mask = masks(2, 4, 200, 333)[2]
+    outs = {m: attention(q, k, v, heads, mask, scale=0.2, mode=m) for m in ("sdpa", "chunked", "sliced")}
+    for m in ("chunked", "sliced"):
+        torch.testing.assert_close(outs[m], outs["sdpa"], rtol=1e-5, atol=1e-5)
+
+
+def test_scale_is_honoured() -> None:
+    q, k, v, _ = qkv((1, 2, 20, 30, 16, 16), torch.float32)
+    for mode in ("sdpa", "chunked", "sliced"):
+        for scale in (0.0, 0.05, 1.7, -0.5):
+            assert rel_err(attention(q, k, v, scale=scale, mode=mode), reference(q, k, v, scale=scale)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["sdpa", "chunked", "sliced"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_sequences_give_empty_or_zero_outputs(mode: str, dtype: torch.dtype) -> None:
+    q, k, v, _ = qkv((2, 3, 0, 5, 8, 8), dtype)
+    assert attention(q, k, v, mode=mode).shape == (2, 3, 0, 8)
+    q, k, v, _ = qkv((2, 3, 4, 0, 8, 6), dtype)
+    out = attention(q, k, v, mode=mode)
+    assert out.shape == (2, 3, 4, 6) and bool((out == 0).all())
+    q, k, v, heads = qkv((0, 3, 4, 5, 8, 8), dtype, heads_layout=True)
+    assert attention(q, k, v, heads, mode=mode).shape == (0, 4, 24)
+
+
+@pytest.mark.parametrize("mode", ["chunked", "sliced"])
+def test_nan_propagates_as_in_torch(mode: str) -> None:
+    q, k, v, _ = qkv((1, 2, 20, 90, 8, 8), torch.float32, seed=4)
+    for t, idx in ((q, (0, 0, 3, 2)), (k, (0, 1, 50, 0)), (v, (0, 0, 70, 5))):
+        bad = t.clone()
+        bad[idx] = math.nan
+        args = [bad if x is t else x for x in (q, k, v)]
+        want = torch.nn.functional.scaled_dot_product_attention(*args)
+        got = attention(*args, mode=mode)
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        assert bool(torch.isnan(got).any())
+
+
+def test_non_contiguous_inputs_and_grad_fall_back_correctly() -> None:
+    q, k, v, _ = qkv((2, 3, 33, 44, 16, 16), torch.float32)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D) memory
+    assert rel_err(attention(qt, k, v, mode="chunked"), reference(q, k, v)) < 1e-5
+    qg = q.clone().requires_grad_(True)
+    out = attention(qg, k, v, mode="chunked")  # the torch path: differentiable
+    out.sum().backward()
+    assert qg.grad is not None and bool(torch.isfinite(qg.grad).all())
+
+
+def test_measure_mode_reports_time_and_linear_memory() -> None:
+    q, k, v, _ = qkv((1, 4, 1024, 1024, 64, 64), torch.float32)
+    scores = 4 * 1024 * 1024 * 4
+    for mode in ("chunked", "sdpa", "sliced"):
+        seconds, extra = measure_mode(q, k, v, mode, repeats=1)
+        assert seconds > 0 and extra >= 0
+        if mode == "chunked":
+            assert 0 < extra < scores / 8  # 1/16 at 4096 tokens: see test_plan_attention.py
+        if mode == "sliced":
+            assert extra >= 1024 * 1024 * 4  # at least one full score matrix: the point of slicing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_modes_match_float64(dtype: torch.dtype) -> None:
+    q, k, v, heads = qkv((2, 4, 300, 257, 64, 64), dtype, heads_layout=True)
+    mask = masks(2, 4, 300, 257)[2]
+    want = reference(q, k, v, heads, mask)
+    for mode in ("sdpa", "chunked", "sliced", "auto"):
+        out = attention(q.cuda(), k.cuda(), v.cuda(), heads, mask.cuda(), mode=mode, budget_bytes=64 << 20)
+        assert rel_err(out.cpu(), want) < TOL[dtype], mode
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.LogCaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float32)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        for _ in range(3):
+            assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < 1e-5
+    warnings = [r for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "needs a CUDA device" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("level", ["portable", "avx2"])
+def test_the_portable_engine_alone_under_capped_simd_levels(level: str) -> None:
+    """`VRAMKIT_SIMD` caps the level: only the portable engine remains, in its AVX2+FMA copy or its
+    baseline copy (no FMA); both must pass the accuracy tests."""
+    if os.environ.get("VRAMKIT_SIMD"):
+        pytest.skip("already running under a capped SIMD level")
+    env = {**os.environ, "VRAMKIT_SIMD": level}
+    probe = subprocess.run([sys.executable, "-c", "import vramkit._core as c; print(*c.attention_engines())"],
+                           env=env, capture_output=True, text=True, timeout=120, check=True)
+    assert probe.stdout.split() == ["portable"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "modes_match or rust_engine or masks or nan"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
