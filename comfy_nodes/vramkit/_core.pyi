@@ -12,6 +12,7 @@ Conventions shared by every function:
   a dtype that is not accepted. No Rust panic reaches Python.
 """
 
+from collections.abc import Sequence
 from typing import Literal, TypedDict
 
 import numpy as np
@@ -126,3 +127,21 @@ def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: in
     with each mode's predicted peak extra bytes (upper bounds of the measured ones) and whether it fits.
     `threads` defaults to the rayon pool's size; `torch_threads` (torch's CPU threads, 0 for GPUs) sizes
     the workspace of torch's half-precision CPU GEMMs; `engine` None plans for the most demanding engine."""
+
+# --- offload planner (rust_src/plan/offload.rs) --------------------------------------------------------------
+
+class OffloadPlan(TypedDict):
+    resident: list[bool]
+    resident_bytes: int
+    streamed_bytes: int
+    streamed_layers: int
+    unplaced_layers: int
+    buffer_bytes: int
+    full_load: bool
+
+def plan_offload(bytes: Sequence[int], cast_bytes: Sequence[int], streamable: Sequence[bool], budget: int,
+                 model_bytes: int, streams: int, rule: Literal["next_layers", "multiply"]) -> OffloadPlan:
+    """Which layers ComfyUI's legacy loader keeps resident for `budget` bytes (a port of its greedy walk in
+    `ModelPatcher.load`): layers in name order, their weight bytes, the bytes to run them streamed, whether
+    they can stream; `streams` is ComfyUI's NUM_STREAMS, `rule` its buffer sizing ("next_layers" since 0.29,
+    "multiply" in 0.3.7x). A budget above `model_bytes` loads everything."""

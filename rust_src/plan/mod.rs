@@ -2,3 +2,4 @@
 //! each with the numbers behind it so that the Python side can explain the choice.
 
 pub mod attention;
+pub mod offload;

@@ -3,6 +3,7 @@
 
 mod arrays;
 mod attention;
+mod plan_offload;
 mod quant;
 
 use crate::error::CoreError;
@@ -15,6 +16,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(copy_bytes, m)?)?;
     quant::register(m)?;
     attention::register(m)?;
+    plan_offload::register(m)?;
     Ok(())
 }
 

@@ -1,0 +1,136 @@
+"""Attention mode per model: an ``optimized_attention_override`` on a clone, chained with any earlier one.
+
+ComfyUI calls ``transformer_options["optimized_attention_override"](func, q, k, v, heads, ...)`` from every
+attention backend of diffusion models (SD1.x/SDXL UNets, SD3, Flux, Wan, Qwen-Image, HunyuanVideo, LTX, ...;
+not VAEs or text encoders), where ``func`` is the backend it would have used. Modes:
+
+- ComfyUI's own backends, picked per model instead of by a launch flag: ``sdpa`` (``--use-pytorch-cross-
+  attention``), ``sub_quad`` (``--use-quad-cross-attention``), ``split`` (``--use-split-cross-attention``),
+  and ``sage`` / ``flash`` / ``xformers`` where installed.
+- VRAMKit's ``auto`` / ``chunked`` / ``sliced`` (from `vramkit.attention`), which honour a memory budget.
+
+Another pack may have set an override already (the key is shared). VRAMKit does not replace it: that
+override still runs, with the chosen backend as the ``func`` it delegates to.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import compat, patch
+
+log = logging.getLogger("vramkit.comfy")
+
+#: Node mode -> ComfyUI's registered backend name.
+COMFY_BACKENDS = {"sdpa": "pytorch", "sub_quad": "sub_quad", "split": "split", "sage": "sage",
+                  "flash": "flash", "xformers": "xformers"}
+VRAMKIT_MODES = ("auto", "chunked", "sliced")
+_ALWAYS = ("auto", "sdpa", "chunked", "sliced", "sub_quad", "split")
+_OPTIONAL = ("sage", "flash", "xformers")
+
+
+def available_modes() -> list[str]:
+    """The modes to offer: the always-present ones, plus sage/flash/xformers where ComfyUI registered them."""
+    try:
+        optional = [m for m in _OPTIONAL if compat.attention_function(COMFY_BACKENDS[m]) is not None]
+    except ImportError:  # outside ComfyUI (documentation, unit tests)
+        optional = []
+    return [*_ALWAYS, *optional]
+
+
+def vramkit_modes_available() -> bool:
+    """Whether `vramkit.attention` (auto/chunked/sliced) is installed."""
+    return importlib.util.find_spec("vramkit.attention") is not None
+
+
+def default_mode() -> str:
+    return "auto" if vramkit_modes_available() else "sdpa"
+
+
+class VRAMKitAttentionOverride:
+    """The callable stored under ``optimized_attention_override``; remembers what it chains to."""
+
+    def __init__(self, mode: str, budget_bytes: int, previous: Callable[..., Any] | None,
+                 backend: Callable[..., Any] | None = None, inner: Callable[..., Any] | None = None) -> None:
+        self.mode = mode
+        self.budget_bytes = budget_bytes
+        self.previous = previous
+        self._backend = backend  # a ComfyUI backend: called like func
+        self._inner = inner  # a vramkit.attention override: called like an override (chains itself)
+
+    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._inner is not None:
+            return self._inner(func, *args, **kwargs)
+        assert self._backend is not None
+        # kwargs carry ComfyUI's `_inside_attn_wrapper`, so calling a wrapped backend does not recurse.
+        if self.previous is not None:
+            return self.previous(self._backend, *args, **kwargs)
+        return self._backend(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> VRAMKitAttentionOverride:
+        # Immutable; ComfyUI 0.3.7x deep-copies model_options on every clone, which need not copy this.
+        return self
+
+    def __repr__(self) -> str:
+        chained = "" if self.previous is None else f", chained to {patch.describe_callable(self.previous)}"
+        return f"VRAMKitAttentionOverride(mode={self.mode!r}{chained})"
+
+
+def _vramkit_override_factory() -> Callable[..., Any]:
+    try:
+        attention = importlib.import_module("vramkit.attention")
+    except ImportError as exc:
+        raise ValueError("attention modes auto/chunked/sliced need vramkit.attention, which this install "
+                         f"lacks ({exc}); use sdpa, sub_quad or split, or update VRAMKit") from exc
+    factory = getattr(attention, "make_comfy_override", None)
+    if factory is None:
+        raise ValueError("this vramkit.attention has no make_comfy_override; attention modes auto/chunked/"
+                         "sliced are unavailable; use sdpa, sub_quad or split")
+    return factory  # type: ignore[no-any-return]
+
+
+def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | None
+                   ) -> VRAMKitAttentionOverride:
+    if mode in VRAMKIT_MODES:
+        inner = _vramkit_override_factory()(mode=mode, budget_bytes=budget_bytes, previous=previous)
+        return VRAMKitAttentionOverride(mode, budget_bytes, previous, inner=inner)
+    if mode not in COMFY_BACKENDS:
+        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(available_modes())}")
+    backend = compat.attention_function(COMFY_BACKENDS[mode])
+    if backend is None:
+        raise ValueError(f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}): "
+                         f"its package is not installed; available: {', '.join(available_modes())}")
+    return VRAMKitAttentionOverride(mode, budget_bytes, previous, backend=backend)
+
+
+def budget_from_mb(mb: float, input_name: str = "memory_budget_mb") -> int:
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)):
+        raise TypeError(f"{input_name} must be a number of MB, got {type(mb).__name__}")
+    if mb < 0:
+        raise ValueError(f"{input_name} must be 0 (auto) or a positive number of MB, got {mb}")
+    return int(mb * 2**20)
+
+
+def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple[Any, str]:
+    """A clone of `model` whose diffusion model uses attention `mode`; and a one-line summary."""
+    budget = budget_from_mb(memory_budget_mb)
+    out = patch.clone(model)
+    previous = patch.attention_override(out)
+    if isinstance(previous, VRAMKitAttentionOverride):
+        previous = previous.previous  # re-running the node replaces VRAMKit's own override, keeps others
+    override = build_override(mode, budget, previous)
+    patch.set_attention_override(out, override)
+    text = f"Attention: {mode}"
+    if mode in VRAMKIT_MODES:
+        text += f", memory budget {'auto' if budget == 0 else f'{budget / 2**20:.0f} MB'}"
+    elif budget:
+        text += " (the memory budget applies to auto/chunked/sliced only; ComfyUI sizes its own chunks)"
+    if previous is not None:
+        text += (f". Another attention override was already set ({patch.describe_callable(previous)}); it "
+                 f"still runs and now calls {mode} as its backend")
+    log.info("VRAMKit %s", text)
+    return out, text + "."

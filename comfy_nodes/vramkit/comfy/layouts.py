@@ -1,0 +1,229 @@
+"""VRAMKit's quantized weights as ComfyUI ``QuantizedTensor`` layouts.
+
+ComfyUI knows per-tensor fp8 (both versions) and per-tensor INT8 (0.29+, ``TensorWiseINT8Layout``), but no
+per-channel or per-group INT8, the scheme that keeps the most quality at 8 bits. This module registers one
+more layout, ``VRAMKitBlockScaledLayout`` (8-bit codes, one float32 scale per tensor, output channel or group
+of consecutive elements), into whichever registry the running ComfyUI has:
+
+- 0.29+: comfy-kitchen's ``register_layout_class`` (typed ``Params`` dataclass) and ``register_layout_op``;
+- 0.3.7x: ``comfy.quant_ops.LAYOUTS`` (params in a dict) and its string-keyed ``register_layout_op``.
+
+Either way a module whose ``weight`` is such a tensor goes through ComfyUI's own cast path
+(``comfy.ops.cast_bias_weight`` dequantizes it), its lowvram streaming and, on 0.29+, Dynamic VRAM, which
+moves quantized tensors through ``__tensor_flatten__``. The numbers are `vramkit.quant`'s: quantizing and
+dequantizing here call it, so the Rust core does the work on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any
+
+import torch
+
+from .. import quant
+from . import compat
+
+LAYOUT_NAME = "VRAMKitBlockScaledLayout"
+
+_TORCH_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def storage_codes(q: quant.QTensor) -> torch.Tensor:
+    """The codes as ComfyUI stores them: int8, or the float8 dtype for fp8 (same bytes as vramkit's uint8)."""
+    return q.data.view(_TORCH_FP8[q.format]) if q.format in _TORCH_FP8 else q.data
+
+
+def as_qtensor(qdata: torch.Tensor, scale: torch.Tensor, format: str, granularity: str, group_size: int,
+               dtype: torch.dtype) -> quant.QTensor:
+    """A `vramkit.quant.QTensor` over ComfyUI-stored codes (no copy)."""
+    codes = qdata.view(torch.uint8) if format in _TORCH_FP8 else qdata
+    return quant.QTensor(codes.contiguous(), scale, format, granularity, group_size or None, qdata.shape,
+                         dtype)
+
+
+def _dequantize(qdata: torch.Tensor, scale: torch.Tensor, format: str, granularity: str, group_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    if scale.device != qdata.device:
+        scale = scale.to(qdata.device)
+    return as_qtensor(qdata, scale, format, granularity, group_size, dtype).dequantize(dtype)
+
+
+def _quantize(tensor: torch.Tensor, format: str, granularity: str, group_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    q = quant.quantize(tensor, format, granularity, group_size or None)
+    assert q.scale is not None
+    return storage_codes(q), q.scale
+
+
+def _weight_for(input: torch.Tensor, weight: Any) -> torch.Tensor:
+    # Dequantize straight into the activation's dtype and device, whatever orig_dtype says.
+    return weight.dequantize().to(device=input.device, dtype=input.dtype)
+
+
+# --- comfy-kitchen (ComfyUI 0.29+) -------------------------------------------------------------------------
+
+@functools.cache
+def _kitchen_layout() -> type:
+    tensor_api = importlib.import_module("comfy_kitchen.tensor")
+    base_params = tensor_api.BaseLayoutParams
+
+    @dataclasses.dataclass(frozen=True)
+    class Params(base_params):  # type: ignore[misc, valid-type]
+        format: str = "int8"
+        granularity: str = "group"
+        group_size: int = 0
+
+        def _tensor_fields(self) -> list[str]:
+            return ["scale"]
+
+    class VRAMKitBlockScaledLayout(tensor_api.QuantizedLayout):  # type: ignore[misc, name-defined]
+        """8-bit codes with one float32 scale per tensor, output channel or group (vramkit.quant math)."""
+
+        @classmethod
+        def quantize(cls, tensor: torch.Tensor, scale: Any = None, stochastic_rounding: int = 0,
+                     inplace_ops: bool = False, format: str = "int8", granularity: str = "group",
+                     group_size: int = quant.DEFAULT_GROUP_SIZE, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+            # Scales are always recomputed and rounding is to nearest: requantizing after a LoRA merge is
+            # then bit-reproducible. `scale`/`stochastic_rounding` are accepted for ComfyUI's call sites.
+            group_size = group_size if granularity == "group" else 0
+            qdata, qscale = _quantize(tensor, format, granularity, group_size)
+            return qdata, Params(scale=qscale, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape),
+                                 format=format, granularity=granularity, group_size=group_size)
+
+        @classmethod
+        def dequantize(cls, qdata: torch.Tensor, params: Any) -> torch.Tensor:
+            return _dequantize(qdata, params.scale, params.format, params.granularity, params.group_size,
+                               params.orig_dtype)
+
+        @classmethod
+        def get_plain_tensors(cls, qtensor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return qtensor._qdata, qtensor._params.scale
+
+        @classmethod
+        def state_dict_tensors(cls, qdata: torch.Tensor, params: Any) -> dict[str, torch.Tensor]:
+            return {"": qdata, "_scale": params.scale}
+
+        @classmethod
+        def requantize_kwargs(cls, qtensor: Any) -> dict[str, Any]:
+            p = qtensor._params
+            return {"format": p.format, "granularity": p.granularity, "group_size": p.group_size}
+
+    VRAMKitBlockScaledLayout.Params = Params
+    tensor_api.register_layout_class(LAYOUT_NAME, VRAMKitBlockScaledLayout)
+
+    def linear(qt: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        input, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(input, _weight_for(input, weight), bias)
+
+    def convolution(qt: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        input, weight, *rest = args
+        return torch.ops.aten.convolution.default(input, _weight_for(input, weight), *rest, **kwargs)
+
+    tensor_api.register_layout_op(torch.ops.aten.linear.default, VRAMKitBlockScaledLayout)(linear)
+    tensor_api.register_layout_op(torch.ops.aten.convolution.default, VRAMKitBlockScaledLayout)(convolution)
+    return VRAMKitBlockScaledLayout
+
+
+def _kitchen_tensor(q: quant.QTensor, dtype: torch.dtype) -> torch.Tensor:
+    quant_ops = importlib.import_module("comfy.quant_ops")
+    tensor_api = importlib.import_module("comfy_kitchen.tensor")
+    qdata, shape = storage_codes(q), tuple(q.shape)
+    assert q.scale is not None
+    if q.granularity == "tensor" and q.format in _TORCH_FP8:
+        name = "TensorCoreFP8E4M3Layout" if q.format == "fp8_e4m3fn" else "TensorCoreFP8E5M2Layout"
+        params = tensor_api.get_layout_class(name).Params(scale=q.scale, orig_dtype=dtype, orig_shape=shape)
+    else:
+        name = LAYOUT_NAME
+        params = _kitchen_layout().Params(scale=q.scale, orig_dtype=dtype, orig_shape=shape, format=q.format,
+                                          granularity=q.granularity, group_size=q.group_size or 0)
+    return quant_ops.QuantizedTensor(qdata, name, params)
+
+
+# --- comfy.quant_ops (ComfyUI 0.3.7x) ---------------------------------------------------------------------
+
+@functools.cache
+def _legacy_layout() -> type:
+    quant_ops = importlib.import_module("comfy.quant_ops")
+
+    class VRAMKitBlockScaledLayout(quant_ops.QuantizedLayout):  # type: ignore[misc, name-defined]
+        """8-bit codes with one float32 scale per tensor, output channel or group (vramkit.quant math)."""
+
+        @classmethod
+        def quantize(cls, tensor: torch.Tensor, format: str = "int8", granularity: str = "group",
+                     group_size: int = quant.DEFAULT_GROUP_SIZE, **kwargs: Any
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+            group_size = group_size if granularity == "group" else 0
+            qdata, scale = _quantize(tensor, format, granularity, group_size)
+            return qdata, {"scale": scale, "orig_dtype": tensor.dtype, "format": format,
+                           "granularity": granularity, "group_size": group_size}
+
+        @staticmethod
+        def dequantize(qdata: torch.Tensor, scale: torch.Tensor, orig_dtype: torch.dtype, format: str,
+                       granularity: str, group_size: int, **kwargs: Any) -> torch.Tensor:
+            return _dequantize(qdata, scale, format, granularity, group_size, orig_dtype)
+
+        @classmethod
+        def get_plain_tensors(cls, qtensor: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return qtensor._qdata, qtensor._layout_params["scale"]
+
+    quant_ops.LAYOUTS[LAYOUT_NAME] = VRAMKitBlockScaledLayout
+
+    def linear(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        input, weight = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return torch.nn.functional.linear(input, _weight_for(input, weight), bias)
+
+    def convolution(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        input, weight, *rest = args
+        return func(input, _weight_for(input, weight), *rest, **kwargs)
+
+    quant_ops.register_layout_op(torch.ops.aten.linear.default, LAYOUT_NAME)(linear)
+    quant_ops.register_layout_op(torch.ops.aten.convolution.default, LAYOUT_NAME)(convolution)
+    return VRAMKitBlockScaledLayout
+
+
+def _legacy_tensor(q: quant.QTensor, dtype: torch.dtype) -> torch.Tensor:
+    quant_ops = importlib.import_module("comfy.quant_ops")
+    assert q.scale is not None
+    if q.granularity == "tensor" and q.format in _TORCH_FP8:
+        # The native fp8 layout dequantizes ``codes.to(orig_dtype) * scale`` for either fp8 dtype.
+        return quant_ops.QuantizedTensor(storage_codes(q), "TensorCoreFP8Layout",
+                                         {"scale": q.scale, "orig_dtype": dtype})
+    _legacy_layout()
+    return quant_ops.QuantizedTensor(storage_codes(q), LAYOUT_NAME, {
+        "scale": q.scale, "orig_dtype": dtype, "format": q.format, "granularity": q.granularity,
+        "group_size": q.group_size or 0})
+
+
+# --- the one entry point -----------------------------------------------------------------------------------
+
+def comfy_weight(q: quant.QTensor, dtype: torch.dtype) -> torch.Tensor:
+    """`q` as a ComfyUI ``QuantizedTensor`` that dequantizes to `dtype`.
+
+    Per-tensor fp8 uses ComfyUI's native layout; everything else, per-tensor INT8 included, uses
+    ``VRAMKitBlockScaledLayout``: ComfyUI's ``TensorWiseINT8Layout`` also quantizes the activations when its
+    weight reaches ``F.linear`` (W8A8), while VRAMKit promises weight-only quantization on every version.
+    Raises RuntimeError when this ComfyUI has no quantized-tensor registry
+    (check `compat.quant_backend()` first and use `quantized_ops`' own modules instead).
+    """
+    backend = compat.quant_backend()
+    if backend == "comfy_kitchen":
+        return _kitchen_tensor(q, dtype)
+    if backend == "comfy_quant_ops":
+        return _legacy_tensor(q, dtype)
+    raise RuntimeError(f"{compat.describe()}: no QuantizedTensor registry to hold a {q.format} weight")
+
+
+def layout_name(t: torch.Tensor) -> str:
+    """The layout of a ComfyUI QuantizedTensor (either version's attribute name)."""
+    name = getattr(t, "_layout_cls", None) or getattr(t, "_layout_type", None)
+    return str(name)
+
+
+def dequantize(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a ComfyUI QuantizedTensor, in the dtype it reports as original."""
+    return t.dequantize()  # type: ignore[no-any-return, operator]

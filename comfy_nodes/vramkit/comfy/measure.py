@@ -1,0 +1,241 @@
+"""Measure what a sampling run costs: peak memory and time per step ("Measure VRAM" / "VRAM report").
+
+"Measure VRAM" adds an ``OUTER_SAMPLE`` wrapper (and an ``ON_PRE_RUN`` callback) to a clone. Each sampling
+run with that model records the peak device memory (CUDA: ``torch.cuda.max_memory_allocated`` after a reset;
+CPU: the process's peak resident memory), the load time, the time of every step, and the weights ComfyUI
+kept resident. The record is filed under a fingerprint of the sampler's output latent; "VRAM report", fed
+with that latent, looks it up and shows it. This is how a user turns on one optimization at a time and
+watches what it changes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import compat, patch
+
+WRAPPER_NAME = "measure"
+#: Recent measurements, newest last (a report looks them up by the latent they produced).
+RECENT: collections.deque[Measurement] = collections.deque(maxlen=64)
+
+
+@dataclass
+class Measurement:
+    label: str
+    device: str
+    peak_kind: str
+    peak_bytes: int
+    start_bytes: int
+    steps: int
+    step_seconds: list[float] = field(default_factory=list)
+    load_seconds: float = 0.0
+    total_seconds: float = 0.0
+    model_bytes: int = 0
+    resident_bytes: int = 0
+    latent_shape: tuple[int, ...] = ()
+    fingerprint: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return statistics.median(self.step_seconds) if self.step_seconds else 0.0
+
+    def summary(self) -> str:
+        mb = 2**20
+        head = f"{self.label}: " if self.label else ""
+        text = (f"{head}peak {self.peak_kind} {self.peak_bytes / mb:.1f} MB on {self.device} "
+                f"(was {self.start_bytes / mb:.1f} MB before sampling); {self.steps} steps, "
+                f"{self.seconds_per_step:.3f} s/step (median), {self.total_seconds:.2f} s in all, of which "
+                f"{self.load_seconds:.2f} s loading; weights resident {self.resident_bytes / mb:.1f} of "
+                f"{self.model_bytes / mb:.1f} MB.")
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seconds_per_step"] = self.seconds_per_step
+        d["latent_shape"] = list(self.latent_shape)
+        d["fingerprint"] = list(self.fingerprint)
+        return d
+
+
+def fingerprint(latent: torch.Tensor) -> tuple[float, float]:
+    x = latent.detach().to("cpu", torch.float64)
+    return float(x.sum()), float(x.abs().sum())
+
+
+def find(latent: torch.Tensor) -> Measurement | None:
+    """The newest measurement whose output is `latent` (same shape, same values to float32 rounding)."""
+    shape = tuple(latent.shape)
+    total, absolute = fingerprint(latent)
+    for m in reversed(RECENT):
+        if m.latent_shape != shape:
+            continue
+        tol = 1e-5 * max(absolute, 1e-12)
+        if abs(m.fingerprint[0] - total) <= tol and abs(m.fingerprint[1] - absolute) <= tol:
+            return m
+    return None
+
+
+# --- peak memory ---------------------------------------------------------------------------------------------
+
+class PeakProbe:
+    """Peak memory between `start` and `stop`: the CUDA allocator's peak, or the process's peak RSS."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "allocated VRAM" if device.type == "cuda" else "process RAM"
+        self._sampler: _RssSampler | None = None
+        self.start_bytes = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            return
+        self.start_bytes = _rss()
+        if not _reset_peak_rss():
+            self._sampler = _RssSampler()
+            self._sampler.start()
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._sampler is not None:
+            return self._sampler.stop()
+        return max(_peak_rss(), self.start_bytes)
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rss() -> int:
+    value = _status_kb("VmRSS")
+    if value is not None:
+        return value
+    import psutil  # a ComfyUI dependency
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return _status_kb("VmHWM") is not None
+
+
+def _peak_rss() -> int:
+    return _status_kb("VmHWM") or _rss()
+
+
+class _RssSampler(threading.Thread):
+    """Polls RSS every 5 ms where the kernel cannot reset its peak counter."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="vramkit-rss")
+        self.peak = _rss()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return max(self.peak, _rss())
+
+
+# --- the wrapper -------------------------------------------------------------------------------------------
+
+class MeasureSampling:
+    """``OUTER_SAMPLE`` wrapper + ``ON_PRE_RUN`` callback recording one `Measurement` per sampling run."""
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self._pre_run: float | None = None
+
+    def on_pre_run(self, patcher: Any) -> None:
+        self._pre_run = time.perf_counter()
+
+    def __call__(self, executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        patcher = guider.model_patcher
+        device = compat.load_device(patcher)
+        sigmas = args[3] if len(args) > 3 else kwargs["sigmas"]
+        stamps: list[float] = []
+        callback_at = 5
+        user_callback = args[callback_at] if len(args) > callback_at else kwargs.get("callback")
+
+        def timed(step: int, x0: Any, x: Any, total: int) -> Any:
+            stamps.append(time.perf_counter())
+            if user_callback is not None:
+                return user_callback(step, x0, x, total)
+            return None
+
+        if len(args) > callback_at:
+            args = (*args[:callback_at], timed, *args[callback_at + 1:])
+        else:
+            kwargs["callback"] = timed
+        probe = PeakProbe(device)
+        self._pre_run = None
+        probe.start()
+        started = time.perf_counter()
+        output = executor(*args, **kwargs)
+        ended = time.perf_counter()
+        peak = probe.stop()
+        pre_run = self._pre_run or started
+        edges = [pre_run, *stamps]
+        record = Measurement(
+            label=self.label, device=str(device), peak_kind=probe.kind, peak_bytes=peak,
+            start_bytes=probe.start_bytes, steps=max(len(sigmas) - 1, 0),
+            step_seconds=[b - a for a, b in itertools.pairwise(edges)], load_seconds=pre_run - started,
+            total_seconds=ended - started, model_bytes=int(patcher.model_size()),
+            resident_bytes=int(patcher.loaded_size()), latent_shape=tuple(output.shape),
+            fingerprint=fingerprint(output))
+        RECENT.append(record)
+        return output
+
+
+def apply_measure(model: Any, label: str = "") -> Any:
+    """A clone of `model` whose sampling runs are measured."""
+    out = patch.clone(model)
+    wrapper = MeasureSampling(label.strip())
+    patch.set_wrapper(out, compat.wrappers_mp().OUTER_SAMPLE, WRAPPER_NAME, wrapper)
+    patch.set_callback(out, compat.callbacks_mp().ON_PRE_RUN, WRAPPER_NAME, wrapper.on_pre_run)
+    return out
+
+
+def report(latent: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The text and numbers for the measurement that produced `latent` (a LATENT dict)."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise TypeError(f"samples must be a LATENT (a dict with a 'samples' tensor), got {type(latent).__name__}")
+    found = find(latent["samples"])
+    if found is None:
+        return ("No measurement matches this latent: put 'Measure VRAM' between the model and the sampler that "
+                "produced it, and run the sampler again.", None)
+    return found.summary(), found.as_dict()

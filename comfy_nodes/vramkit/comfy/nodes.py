@@ -1,0 +1,236 @@
+"""The VRAMKit nodes (ComfyUI's V1 node API, which every supported ComfyUI version loads).
+
+Thin on purpose: each node validates its inputs, calls one module that does the work on a clone, and
+returns the clone plus a summary the user can read. Nothing is patched globally; bypassing a node undoes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import quant
+from . import attention_modes, measure, precision, quantize_model, selection, streaming, unload
+
+CATEGORY = "VRAMKit"
+
+
+class AnyType(str):
+    """ComfyUI's wildcard socket type: equal to every other type (ComfyUI 0.3.7x needs the ``__ne__``)."""
+
+    def __ne__(self, other: object) -> bool:
+        return False
+
+    __hash__ = str.__hash__
+
+
+ANY = AnyType("*")
+
+
+def _with_text(text: str, *result: Any) -> dict[str, Any]:
+    # Every value of a node's "ui" dict must be a list (ComfyUI concatenates them across list runs).
+    return {"ui": {"text": [text]}, "result": result}
+
+
+class VRAMKitQuantize:
+    DESCRIPTION = ("Stores the model's Linear and Conv weights in 8 bits (INT8 or FP8) and dequantizes each layer "
+                   "as it runs: about half the VRAM of FP16 (a quarter of FP32). INT8 with a scale per group of "
+                   "64 weights keeps the most quality; norms, embeddings and the first and last layers stay in "
+                   "high precision. Works with LoRA (apply the LoRA after this node) and with ComfyUI's "
+                   "offloading.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The quantized model (a clone; the input model is unchanged).",
+                       "What was quantized, what was kept, bytes before and after.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to quantize."}),
+            "format": (list(quantize_model.NODE_FORMATS), {
+                "default": "int8",
+                "tooltip": "int8: best quality at 8 bits. fp8_e4m3fn: FP8 with more precision; fp8_e5m2: "
+                           "FP8 with more range."}),
+            "granularity": (list(quantize_model.NODE_GRANULARITIES), {
+                "default": "group",
+                "tooltip": "How many weights share one scale: a group of consecutive weights (best), an "
+                           "output channel, or the whole tensor (ComfyUI's native INT8, the worst)."}),
+            "group_size": ("INT", {"default": quant.DEFAULT_GROUP_SIZE, "min": 1, "max": 4096, "step": 1,
+                                   "tooltip": "Weights per scale for granularity 'group' (32/64/128 usual). "
+                                              "Layers whose rows it does not divide use per-channel scales."}),
+            "skip_patterns": ("STRING", {
+                "default": selection.DEFAULT_SKIP, "multiline": False,
+                "tooltip": "Layers kept in high precision: globs on layer names (e.g. double_blocks.0.*) "
+                           "separated by commas, plus <first> and <last> (the input and output layers). "
+                           "'none' quantizes everything."}),
+            "compute_dtype": (list(quantize_model.COMPUTE_DTYPES), {
+                "default": "default",
+                "tooltip": "What the weights are dequantized to for the math; default keeps the model's."}),
+        }}
+
+    def run(self, model: Any, format: str, granularity: str, group_size: int, skip_patterns: str,
+            compute_dtype: str) -> dict[str, Any]:
+        precision.check_bf16(model, quantize_model.compute_dtype(compute_dtype), "compute_dtype")
+        out, report = quantize_model.quantize_model(model, format, granularity, group_size, skip_patterns,
+                                                    compute_dtype)
+        text = report.summary()
+        return _with_text(text, out, text)
+
+
+class VRAMKitAttention:
+    DESCRIPTION = ("Picks how this model computes attention, without a launch flag: sdpa (PyTorch's fused "
+                   "kernel), memory-efficient chunked or sliced attention (less VRAM at large sizes, slower), "
+                   "ComfyUI's sub-quadratic (--use-quad-cross-attention) or split (--use-split-cross-attention), "
+                   "and sage / flash / xformers when installed. Only this model is affected; bypass the node to "
+                   "undo it.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "A diffusion model (UNet or DiT); VAEs and text encoders are not "
+                                           "affected."}),
+            "mode": (attention_modes.available_modes(), {
+                "default": attention_modes.default_mode(),
+                "tooltip": "auto picks for the memory budget; chunked/sliced save the most memory."}),
+            "memory_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
+                                         "tooltip": "Memory attention may use, for auto/chunked/sliced; "
+                                                    "0 = auto (from free memory)."}),
+        }}
+
+    def run(self, model: Any, mode: str, memory_budget_mb: int) -> tuple[Any]:
+        out, _text = attention_modes.apply_attention(model, mode, memory_budget_mb)
+        return (out,)
+
+
+class VRAMKitOffload:
+    DESCRIPTION = ("Sequential (layer by layer) offload: keeps at most the given amount of this model's weights "
+                   "in VRAM and streams the other layers from RAM as they run, using ComfyUI's own streaming. "
+                   "Less VRAM, slower steps. 0 = auto (leave room for the activations of this image size). "
+                   "With Dynamic VRAM (ComfyUI's default on NVIDIA) ComfyUI already does this on demand and the "
+                   "budget is not applied.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to stream."}),
+            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
+                                         "tooltip": "Most VRAM this model's weights may take; 0 = auto."}),
+            "engine": (list(streaming.ENGINES), {
+                "default": "comfy", "tooltip": "comfy: ComfyUI's per-layer streaming, held to the budget."}),
+        }}
+
+    def run(self, model: Any, vram_budget_gb: float, engine: str) -> dict[str, Any]:
+        out, text = streaming.apply_offload(model, vram_budget_gb, engine)
+        return _with_text(text, out, text)
+
+
+class VRAMKitPrecision:
+    DESCRIPTION = ("Sets how this model stores its weights and computes: fp32 (4 bytes a value), fp16 or bf16 "
+                   "(2 bytes; bf16 has fp32's range but needs an RTX 30 / Ampere or newer GPU). Weights in another "
+                   "dtype than the compute dtype are cast layer by layer as they run. default keeps what the "
+                   "model has.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {}),
+            "weight_dtype": (list(precision.CHOICES), {"default": "default",
+                                                       "tooltip": "How the weights are stored."}),
+            "compute_dtype": (list(precision.CHOICES), {"default": "default",
+                                                        "tooltip": "What the math runs in."}),
+        }}
+
+    def run(self, model: Any, weight_dtype: str, compute_dtype: str) -> dict[str, Any]:
+        out, text = precision.apply_precision(model, weight_dtype, compute_dtype)
+        return _with_text(text, out, text)
+
+
+class VRAMKitFreeAfter:
+    DESCRIPTION = ("Passes its input through, then moves the connected text encoder and/or VAE out of VRAM. Put "
+                   "it right after prompt encoding (text encoders run only at the start, so freeing them is "
+                   "nearly free); the VAE comes back by itself when it decodes.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (ANY,)
+    RETURN_NAMES = ("passthrough",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"anything": (ANY, {"tooltip": "Passed through unchanged, e.g. the CONDITIONING "
+                                                            "from CLIP Text Encode."})},
+                "optional": {"clip": ("CLIP", {"tooltip": "Text encoder to move out of VRAM."}),
+                             "vae": ("VAE", {"tooltip": "VAE to move out of VRAM."})}}
+
+    def run(self, anything: Any, clip: Any = None, vae: Any = None) -> dict[str, Any]:
+        return _with_text(unload.free_models({"clip": clip, "vae": vae}), anything)
+
+
+class VRAMKitMeasure:
+    DESCRIPTION = ("Measures every sampling run of this model: peak VRAM (peak process RAM on a CPU), load time "
+                   "and time per step. Connect the sampler's LATENT output to 'VRAM report' to see the numbers; "
+                   "turn on one optimization at a time and compare.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"model": ("MODEL", {}),
+                             "label": ("STRING", {"default": "", "tooltip": "Shown in the report."})}}
+
+    def run(self, model: Any, label: str) -> tuple[Any]:
+        return (measure.apply_measure(model, label),)
+
+
+class VRAMKitReport:
+    DESCRIPTION = "Shows what 'Measure VRAM' recorded for the sampling run that produced this latent."
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("samples",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"samples": ("LATENT", {"tooltip": "The LATENT output of the measured sampler."})}}
+
+    def run(self, samples: dict[str, Any]) -> dict[str, Any]:
+        text, numbers = measure.report(samples)
+        ui: dict[str, list[Any]] = {"text": [text]}
+        if numbers is not None:
+            ui["vramkit_measurement"] = [numbers]
+        return {"ui": ui, "result": (samples,)}
+
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    "VRAMKitQuantize": VRAMKitQuantize,
+    "VRAMKitAttention": VRAMKitAttention,
+    "VRAMKitOffload": VRAMKitOffload,
+    "VRAMKitPrecision": VRAMKitPrecision,
+    "VRAMKitFreeAfter": VRAMKitFreeAfter,
+    "VRAMKitMeasure": VRAMKitMeasure,
+    "VRAMKitReport": VRAMKitReport,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "VRAMKitQuantize": "Quantize weights (FP8/INT8)",
+    "VRAMKitAttention": "Attention mode",
+    "VRAMKitOffload": "Sequential offload",
+    "VRAMKitPrecision": "Precision",
+    "VRAMKitFreeAfter": "Offload text encoder / VAE",
+    "VRAMKitMeasure": "Measure VRAM",
+    "VRAMKitReport": "VRAM report",
+}

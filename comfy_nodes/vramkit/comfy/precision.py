@@ -1,0 +1,142 @@
+"""Weight storage and compute dtype per model (the "Precision" node's work).
+
+Storage: each ComfyUI op (Linear, Conv, norms, embeddings) gets a per-clone copy whose weights are in the
+requested dtype, and casts them on the fly; layers that are already quantized and raw parameters outside
+ComfyUI's ops keep theirs. Compute: ComfyUI's own ``set_model_compute_dtype`` (its ``manual_cast`` path).
+bf16 is refused, with the reason, on devices that cannot compute in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import compat, patch
+
+log = logging.getLogger("vramkit.comfy")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CHOICES = ("default", *DTYPES)
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FP16_MAX = 65504.0
+_ROOT = "diffusion_model"
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def bf16_problem(device: torch.device,
+                 capability: Callable[[torch.device], tuple[int, int]] = _cuda_capability) -> str | None:
+    """Why `device` cannot compute in bf16, or None when it can."""
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if torch.version.hip is not None:
+            return None if torch.cuda.is_bf16_supported() else (
+                f"{torch.cuda.get_device_name(device)} (an AMD GPU older than RDNA3/CDNA) has no bf16 support")
+        major, minor = capability(device)
+        if (major, minor) < (8, 0):
+            return (f"the GPU {device} has compute capability {major}.{minor}; bf16 needs 8.0 or newer "
+                    "(Ampere / RTX 30 series and later)")
+        return None
+    if device.type == "xpu":
+        return None if torch.xpu.is_bf16_supported() else f"this Intel GPU ({device}) has no bf16 support"
+    try:  # mps and others: ask the device itself
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as exc:
+        return f"{device} cannot compute in bf16 ({exc})"
+    return None
+
+
+def parse_dtype(name: str, input_name: str) -> torch.dtype | None:
+    if name not in CHOICES:
+        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(CHOICES)}")
+    return DTYPES.get(name)
+
+
+def check_bf16(model: Any, dtype: torch.dtype | None, input_name: str) -> None:
+    if dtype != torch.bfloat16:
+        return
+    device = compat.load_device(model)
+    problem = bf16_problem(device)
+    if problem is not None:
+        raise ValueError(f"{input_name} = bf16 refused: {problem}. Use fp16 (same memory; watch for overflow) "
+                         "or fp32.")
+
+
+def current_compute_dtype(model: Any) -> torch.dtype:
+    patched = model.get_model_object("manual_cast_dtype")
+    return patched if patched is not None else model.model_dtype()  # type: ignore[no-any-return]
+
+
+def _ops(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    root = patch.original_module(model, _ROOT)
+    found = []
+    for name, _live in root.named_modules():
+        if not name:
+            continue
+        module = patch.original_module(model, f"{_ROOT}.{name}")
+        if hasattr(module, "comfy_cast_weights") and any(
+                p is not None for p in module._parameters.values()):
+            found.append((name, module))
+    return found
+
+
+def apply_precision(model: Any, storage: str = "default", compute: str = "default") -> tuple[Any, str]:
+    """A clone of `model` storing its op weights as `storage` and computing in `compute`; and a summary."""
+    storage_dtype = parse_dtype(storage, "weight_dtype")
+    compute_dtype = parse_dtype(compute, "compute_dtype")
+    check_bf16(model, storage_dtype, "weight_dtype")
+    check_bf16(model, compute_dtype, "compute_dtype")
+    out = patch.clone(model)
+    notes: list[str] = []
+    before = model.model_size()
+    delta = converted = kept = 0
+    if storage_dtype is not None:
+        progress_ops = _ops(model)
+        progress = compat.progress_bar(max(len(progress_ops), 1))
+        for name, module in progress_ops:
+            new_params: dict[str, torch.Tensor] = {}
+            for pname, param in module._parameters.items():
+                if param is None:
+                    continue
+                if compat.is_comfy_quantized(param) or param.dtype not in _FLOATS:
+                    kept += 1
+                    continue
+                original = patch.pristine_weight(model, f"{_ROOT}.{name}", module) if pname == "weight" else param
+                if original.dtype == storage_dtype:
+                    continue
+                if storage_dtype == torch.float16 and original.numel() and float(original.abs().max()) > _FP16_MAX:
+                    raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up to "
+                                     f"{float(original.abs().max()):.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 "
+                                     "or fp32")
+                new_params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
+                delta += new_params[pname].nbytes - original.nbytes
+            if new_params:
+                copy = patch.copy_module(module, parameters=new_params)
+                copy.comfy_cast_weights = True  # cast to the compute dtype on the fly
+                out.add_object_patch(f"{_ROOT}.{name}", copy)
+                converted += 1
+            progress.update(1)
+        if compute_dtype is None:
+            compute_dtype = current_compute_dtype(model)  # storage changed; keep computing as before
+        notes.append(f"stored {converted} layers' weights as {storage} ({before / 2**20:.1f} -> "
+                     f"{(before + delta) / 2**20:.1f} MB)")
+        if kept:
+            notes.append(f"{kept} quantized or integer tensors kept as they are")
+    if compute_dtype is not None:
+        out.set_model_compute_dtype(compute_dtype)
+        notes.append(f"computing in {str(compute_dtype).removeprefix('torch.')}")
+    if not notes:
+        notes.append("nothing to change (both inputs are 'default')")
+    if compute_dtype == torch.bfloat16 and compat.load_device(model).type == "cpu":
+        notes.append("bf16 on a CPU works but is slow")
+    patch.set_size(out, before + delta)
+    text = "Precision: " + "; ".join(notes) + "."
+    log.info("VRAMKit %s", text)
+    return out, text

@@ -1,0 +1,177 @@
+"""Quantize the Linear/Conv weights of a ComfyUI MODEL into a clone (the "Quantize weights" node's work)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import quant
+from . import compat, layouts, patch, quantized_ops, selection
+
+log = logging.getLogger("vramkit.comfy")
+
+NODE_FORMATS = ("int8", "fp8_e4m3fn", "fp8_e5m2")
+NODE_GRANULARITIES = ("group", "channel", "tensor")
+COMPUTE_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_OPS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_ROOT = "diffusion_model"
+
+
+@dataclass
+class QuantizeReport:
+    format: str
+    granularity: str
+    group_size: int | None
+    route: str
+    quantized: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    """Layer -> why it stays in high precision (a skip pattern, <first>/<last>, or a reason)."""
+    channel_fallback: list[str] = field(default_factory=list)
+    """Layers quantized per channel because the group size does not divide their rows."""
+    unmatched_patterns: list[str] = field(default_factory=list)
+    layouts: Counter[str] = field(default_factory=Counter)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    skipped_bytes: int = 0
+    model_bytes_before: int = 0
+    model_bytes_after: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        mb = 1 / 2**20
+        scheme = f"{self.format} per {self.granularity}"
+        if self.granularity == "group":
+            scheme += f" of {self.group_size}"
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else 1.0
+        text = (f"Quantized {_layers(len(self.quantized))} to {scheme}: their weights went from "
+                f"{self.bytes_before * mb:.1f} MB to {self.bytes_after * mb:.1f} MB ({ratio:.2f}x smaller, "
+                f"scales included); the model from {self.model_bytes_before * mb:.1f} MB to "
+                f"{self.model_bytes_after * mb:.1f} MB. Kept {_layers(len(self.skipped))} "
+                f"({self.skipped_bytes * mb:.1f} MB) in high precision")
+        reasons = Counter(self.skipped.values())
+        if reasons:
+            text += " (" + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + ")"
+        text += "."
+        if self.channel_fallback:
+            text += (f" {_layers(len(self.channel_fallback))} used per-channel scales because "
+                     f"{self.group_size} does not divide their rows.")
+        if self.unmatched_patterns:
+            text += f" Patterns that matched nothing: {', '.join(self.unmatched_patterns)}."
+        layouts_used = ", ".join(f"{name} x{n}" for name, n in sorted(self.layouts.items()))
+        text += f" Route: {self.route} ({layouts_used or 'none'}); took {self.seconds:.1f} s."
+        return text
+
+
+def _layers(count: int) -> str:
+    return f"{count} layer" if count == 1 else f"{count} layers"
+
+
+def validate_scheme(format: str, granularity: str, group_size: int) -> None:
+    if format not in NODE_FORMATS:
+        raise ValueError(f"format {format!r} is not one of {', '.join(NODE_FORMATS)}")
+    if granularity not in NODE_GRANULARITIES:
+        raise ValueError(f"granularity {granularity!r} is not one of {', '.join(NODE_GRANULARITIES)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (32, 64 or 128 are usual), "
+                         f"got {group_size!r}")
+
+
+def compute_dtype(name: str, input_name: str = "compute_dtype") -> torch.dtype | None:
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+def _candidates(model: Any) -> tuple[list[tuple[str, torch.nn.Module]], dict[str, str], list[str]]:
+    """Quantizable layers (name inside the diffusion model, original module) in model order; layers that look
+    quantizable but cannot be, with the reason; and the names of the model's block lists."""
+    root = patch.original_module(model, _ROOT)
+    found: list[tuple[str, torch.nn.Module]] = []
+    refused: dict[str, str] = {}
+    lists: list[str] = []
+    for name, live in root.named_modules():
+        if not name:
+            continue
+        if isinstance(live, torch.nn.ModuleList):
+            lists.append(name)
+        module = patch.original_module(model, f"{_ROOT}.{name}")
+        if not isinstance(module, _OPS):
+            continue
+        if quantized_ops.is_quantized_op(module):
+            refused[name] = "already quantized by VRAMKit"
+        elif not hasattr(module, "comfy_cast_weights"):
+            refused[name] = "not a ComfyUI op (cannot dequantize on the fly)"
+        elif compat.is_comfy_quantized(module.weight):
+            refused[name] = "already quantized"
+        elif module.weight is None or module.weight.dtype not in _SOURCE_DTYPES:
+            dtype = None if module.weight is None else module.weight.dtype
+            refused[name] = f"stored as {dtype}"
+        else:
+            found.append((name, module))
+    return found, refused, lists
+
+
+def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
+                   group_size: int = quant.DEFAULT_GROUP_SIZE, skip_patterns: str = selection.DEFAULT_SKIP,
+                   compute: str = "default", route: str | None = None) -> tuple[Any, QuantizeReport]:
+    """A clone of `model` whose selected Linear/Conv weights are quantized, and a report of what happened.
+
+    `route` forces "comfy" (ComfyUI QuantizedTensor) or "module" (VRAMKit's own modules); by default the
+    ComfyUI route is used wherever this ComfyUI has a quantized-tensor registry.
+    """
+    validate_scheme(format, granularity, group_size)
+    rules = selection.parse_skip_patterns(skip_patterns)
+    dtype_override = compute_dtype(compute)
+    route = route or quantized_ops.default_route()
+    if route not in ("comfy", "module"):
+        raise ValueError(f"route {route!r} is not 'comfy' or 'module'")
+    if route == "comfy" and compat.quant_backend() == "none":
+        raise ValueError(f"{compat.describe()}: the 'comfy' route needs a QuantizedTensor registry")
+
+    started = time.perf_counter()
+    out = patch.clone(model)
+    candidates, refused, lists = _candidates(model)
+    names = [n for n, _ in candidates]
+    skips = selection.skip_reasons(names, rules, lists)
+    route_label = (f"ComfyUI QuantizedTensor via {compat.quant_backend()}" if route == "comfy"
+                   else "VRAMKit modules (this ComfyUI has no QuantizedTensor registry)"
+                   if compat.quant_backend() == "none" else "VRAMKit modules (forced)")
+    report = QuantizeReport(format, granularity, group_size if granularity == "group" else None, route_label,
+                            skipped=dict(refused), unmatched_patterns=selection.unmatched_globs(names, rules))
+    offload = compat.offload_device(model)
+    progress = compat.progress_bar(max(len(candidates), 1))
+    for name, module in candidates:
+        weight = patch.pristine_weight(model, f"{_ROOT}.{name}", module)
+        if name in skips:
+            report.skipped[name] = skips[name]
+            report.skipped_bytes += weight.nbytes
+            progress.update(1)
+            continue
+        layer_granularity, layer_group = granularity, (group_size if granularity == "group" else None)
+        if layer_granularity == "group" and (weight.numel() // weight.shape[0]) % group_size:
+            layer_granularity, layer_group = "channel", None
+            report.channel_fallback.append(name)
+        q = quant.quantize(weight, format, layer_granularity, layer_group).to(offload)
+        scheme = quantized_ops.Scheme(format, layer_granularity, layer_group, dtype_override or weight.dtype,
+                                 route)  # type: ignore[arg-type]
+        stand_in = quantized_ops.quantized_copy(module, q, scheme)
+        out.add_object_patch(f"{_ROOT}.{name}", stand_in)
+        report.layouts[layouts.layout_name(stand_in.weight) if route == "comfy" else "VRAMKit module"] += 1
+        report.quantized.append(name)
+        report.bytes_before += weight.nbytes
+        report.bytes_after += q.nbytes
+        progress.update(1)
+    if dtype_override is not None:
+        out.set_model_compute_dtype(dtype_override)
+    report.model_bytes_before = model.model_size()
+    report.model_bytes_after = report.model_bytes_before - report.bytes_before + report.bytes_after
+    patch.set_size(out, report.model_bytes_after)
+    report.seconds = time.perf_counter() - started
+    log.info("VRAMKit quantize: %s", report.summary())
+    return out, report

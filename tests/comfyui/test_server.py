@@ -1,0 +1,112 @@
+"""A real ComfyUI server (``main.py``) with VRAMKit installed as a git clone in custom_nodes: the nodes
+register, every example workflow validates against /object_info, and every API twin runs through /prompt."""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+from pathlib import Path
+
+import comfy_server
+import pytest
+import torch
+import workflow_tools
+
+from vramkit.comfy import nodes
+
+WORKFLOWS = workflow_tools.names()
+#: Which VRAMKit node each example workflow shows.
+SHOWS = {"attention": "VRAMKitAttention", "free_after": "VRAMKitFreeAfter", "measure": "VRAMKitMeasure",
+         "offload": "VRAMKitOffload", "precision": "VRAMKitPrecision", "quantize": "VRAMKitQuantize"}
+
+
+def test_every_node_has_a_workflow():
+    covered = set(SHOWS.values()) | {"VRAMKitReport"}  # the report sits in measure.json
+    assert covered == set(nodes.NODE_CLASS_MAPPINGS)
+    assert set(WORKFLOWS) == set(SHOWS)
+
+
+def test_nodes_are_registered(object_info):
+    for node_id, display in nodes.NODE_DISPLAY_NAME_MAPPINGS.items():
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        info = object_info[node_id]
+        assert info["display_name"] == display
+        assert info["category"] == "VRAMKit"
+        assert info["python_module"].startswith("custom_nodes.")
+    assert object_info["VRAMKitReport"]["output_node"] is True
+
+
+def test_frontend_extension_is_served(server):
+    scripts = [path for path in server.get("/extensions") if path.endswith("/vramkit.js")]
+    assert len(scripts) == 1
+    with urllib.request.urlopen(server.url + scripts[0], timeout=30) as response:
+        assert b"registerExtension" in response.read()
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_validates_and_matches_its_api_twin(object_info, name):
+    ui, api = workflow_tools.load(name)
+    assert workflow_tools.ui_problems(ui, object_info) == []
+    assert workflow_tools.ui_to_api(ui, object_info) == workflow_tools.strip_meta(api)
+    assert SHOWS[name] in {node["type"] for node in ui["nodes"]}
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_twin_runs(server, name):
+    _, api = workflow_tools.load(name)
+    entry = server.run_prompt(workflow_tools.tinyfy(api))
+    status = entry["status"]
+    assert status["status_str"] == "success", f"{name}: {status}\n{server.log_tail()}"
+    outputs = entry["outputs"]
+    saves = [key for key, node in api.items() if node["class_type"] == "SaveImage"]
+    for key in saves:
+        images = outputs[key]["images"]
+        assert len(images) == 1
+        assert (server.base / "output" / images[0]["subfolder"] / images[0]["filename"]).is_file()
+    texts = {key: out.get("text", [""])[0] for key, out in outputs.items()}
+    node_key = next(key for key, node in api.items() if node["class_type"] == SHOWS[name])
+    expected = {"quantize": "Quantized", "offload": "budget 6.00 GB", "precision": "Precision:",
+                "free_after": "Freed after use"}
+    if name in expected:
+        assert expected[name] in texts[node_key]
+    if name == "measure":
+        report_key = next(key for key, node in api.items() if node["class_type"] == "VRAMKitReport")
+        numbers = outputs[report_key]["vramkit_measurement"][0]
+        assert numbers["steps"] == 2 and numbers["peak_bytes"] > 0
+        assert "peak" in texts[report_key]
+
+
+def test_bad_input_fails_with_a_clear_message(server):
+    _, api = workflow_tools.load("quantize")
+    prompt = workflow_tools.tinyfy(api)
+    key = next(k for k, node in prompt.items() if node["class_type"] == "VRAMKitQuantize")
+    prompt[key]["inputs"]["skip_patterns"] = "*norm*,,<last>"
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "pattern #2 is empty" in errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "VRAMKitQuantize"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Dynamic VRAM needs an NVIDIA GPU")
+def test_every_workflow_runs_under_dynamic_vram(tmp_path_factory, comfy_version):
+    """ComfyUI 0.29+ pages weights itself on NVIDIA (Dynamic VRAM); every node must work with it, and the
+    offload node must step aside."""
+    if tuple(int(p) for p in comfy_version.split(".")[:2]) < (0, 29):
+        pytest.skip(f"ComfyUI {comfy_version} has no Dynamic VRAM")
+    base = tmp_path_factory.mktemp("comfyui-dynamic")
+    comfy_server.prepare_base(base)
+    running = comfy_server.ComfyServer(Path(os.environ["COMFYUI_PATH"]), base, cpu=False,
+                                       extra_args=("--enable-dynamic-vram",))
+    try:
+        running.wait_ready()
+        for name in WORKFLOWS:
+            _, api = workflow_tools.load(name)
+            entry = running.run_prompt(workflow_tools.tinyfy(api))
+            assert entry["status"]["status_str"] == "success", f"{name}: {entry['status']}"
+            if name == "offload":
+                key = next(k for k, n in api.items() if n["class_type"] == "VRAMKitOffload")
+                assert "Dynamic VRAM is active" in entry["outputs"][key]["text"][0]
+    finally:
+        running.stop()

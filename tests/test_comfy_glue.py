@@ -1,0 +1,156 @@
+"""VRAMKit's ComfyUI glue that needs no ComfyUI: node declarations, bf16 capability, the offload budget
+clamp, measurements (ComfyUI's objects replaced by small stand-ins where needed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import vramkit.comfy
+from vramkit.comfy import attention_modes, measure, nodes, precision, streaming
+
+NODE_IDS = ["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
+            "VRAMKitMeasure", "VRAMKitReport"]
+
+
+def test_node_declarations():
+    assert list(vramkit.comfy.NODE_CLASS_MAPPINGS) == NODE_IDS
+    assert set(vramkit.comfy.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert cls.CATEGORY == "VRAMKit", node_id
+        assert callable(getattr(cls, cls.FUNCTION)), node_id
+        assert len(cls.DESCRIPTION) > 40, node_id
+        spec = cls.INPUT_TYPES()  # must work without ComfyUI too (documentation, registries)
+        assert spec["required"], node_id
+        if hasattr(cls, "RETURN_NAMES"):
+            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), node_id
+    quantize = nodes.VRAMKitQuantize.INPUT_TYPES()["required"]
+    assert quantize["format"][1]["default"] == "int8" and quantize["granularity"][1]["default"] == "group"
+    assert quantize["group_size"][1]["default"] == 64
+    assert nodes.VRAMKitReport.OUTPUT_NODE is True
+    mode = nodes.VRAMKitAttention.INPUT_TYPES()["required"]["mode"]
+    assert mode[1]["default"] in mode[0]
+    assert mode[1]["default"] == ("auto" if attention_modes.vramkit_modes_available() else "sdpa")
+
+
+def test_wildcard_type_matches_everything():
+    ne = nodes.ANY.__ne__  # ComfyUI's validation asks `received != expected`
+    assert ne("CONDITIONING") is False and ne("MODEL") is False
+    assert nodes.ANY == "*"
+
+
+def test_bf16_capability():
+    cpu = torch.device("cpu")
+    assert precision.bf16_problem(cpu) is None
+    gpu = torch.device("cuda", 0)
+    turing = precision.bf16_problem(gpu, capability=lambda d: (7, 5))
+    assert turing is not None and "7.5" in turing and "8.0" in turing
+    assert precision.bf16_problem(gpu, capability=lambda d: (8, 6)) is None
+
+
+class StubPatcher:
+    """The parts of a ModelPatcher the offload wrapper touches."""
+
+    def __init__(self, dynamic=False, device="cuda:0", size=1000, loaded=0):
+        self.dynamic, self.load_device, self.size, self.loaded = dynamic, torch.device(device), size, loaded
+        self.loads: list[float] = []
+
+    def is_dynamic(self):
+        return self.dynamic
+
+    def model_size(self):
+        return self.size
+
+    def loaded_size(self):
+        return self.loaded
+
+    def partially_load(self, device_to, extra_memory=0, force_patch_weights=False):
+        self.loads.append(extra_memory)
+        self.loaded = max(0, int(min(self.size, self.loaded + extra_memory)))
+        return extra_memory
+
+
+def test_clamp_caps_growth_and_trims_overshoot():
+    patcher = StubPatcher(loaded=100)
+    with streaming.clamp_resident(patcher, 400):
+        patcher.partially_load("cuda:0", 1e32)  # what ComfyUI asks for when everything fits
+        assert patcher.loaded == 400
+        patcher.loaded = 700  # e.g. loaded fully by an earlier run
+        patcher.partially_load("cuda:0", 1e32)
+    assert patcher.loads == [300, -300]
+    assert "partially_load" not in vars(patcher), "the clamp must not outlive the load"
+
+
+def test_wrapper_steps_aside_under_dynamic_vram():
+    calls = []
+    wrapper = streaming.BudgetedPrepareSampling(budget_bytes=123)
+    patcher = StubPatcher(dynamic=True)
+    result = wrapper(lambda *a, **k: calls.append((a, k)) or "prepared", patcher, (1, 4, 8, 8), {}, force=True)
+    assert result == "prepared" and calls == [((patcher, (1, 4, 8, 8), {}), {"force": True})]
+    assert wrapper.last.dynamic and "Dynamic VRAM" in wrapper.last.note and patcher.loads == []
+
+
+def test_wrapper_holds_the_budget_through_comfyuis_load():
+    wrapper = streaming.BudgetedPrepareSampling(budget_bytes=250)
+    patcher = StubPatcher()
+    wrapper(lambda model, *a, **k: model.partially_load(model.load_device, 1e32), patcher, (1,), {})
+    assert patcher.loaded == 250 and wrapper.last.resident_bytes == 250
+
+
+@pytest.mark.parametrize(("gb", "expected"), [(0, None), (0.5, 2**29), (2, 2 * 2**30)])
+def test_budget_from_gb(gb, expected):
+    assert streaming.budget_from_gb(gb) == expected
+
+
+def test_budget_from_gb_refuses_nonsense():
+    with pytest.raises(TypeError, match="vram_budget_gb must be a number"):
+        streaming.budget_from_gb("6")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="0 \\(auto\\) or a positive"):
+        streaming.budget_from_gb(-0.5)
+
+
+def test_peak_probe_sees_a_temporary_allocation():
+    probe = measure.PeakProbe(torch.device("cpu"))
+    probe.start()
+    block = bytearray(256 * 2**20)
+    block[:: 4096] = b"\x01" * len(block[:: 4096])  # touch every page so it is resident
+    del block
+    peak = probe.stop()
+    assert peak - probe.start_bytes >= 200 * 2**20
+
+
+def test_measurements_are_found_by_the_latent_they_produced():
+    latent = torch.randn(1, 4, 8, 8)
+    record = measure.Measurement("run", "cpu", "process RAM", 3 * 2**20, 2**20, 2, [0.5, 0.25], 1.0, 2.0,
+                                 4 * 2**20, 4 * 2**20, tuple(latent.shape), measure.fingerprint(latent))
+    measure.RECENT.append(record)
+    assert measure.find(latent.clone()) is record
+    assert measure.find(latent + 1e-3) is None and measure.find(torch.randn(1, 4, 8, 9)) is None
+    text, numbers = measure.report({"samples": latent})
+    assert text == record.summary() and numbers is not None and numbers["seconds_per_step"] == 0.375
+    assert "peak process RAM 3.0 MB on cpu" in text and "2 steps" in text
+
+
+def test_free_after_refuses_a_string():
+    from vramkit.comfy import unload
+
+    with pytest.raises(TypeError, match="vae must be a ComfyUI CLIP or VAE"):
+        unload.patcher_of("ae.safetensors", "vae")
+    assert unload.patcher_of(SimpleNamespace(patcher=SimpleNamespace(is_clone=len, model=1)), "clip").model == 1
+
+
+def test_offload_planner_binding():
+    from vramkit import _core
+
+    plan = _core.plan_offload([100, 400, 200, 300], [100, 400, 200, 300], [True] * 4, 1000, 1000, 0, "next_layers")
+    assert plan["resident"] == [False, True, True, False]
+    assert (plan["resident_bytes"], plan["streamed_bytes"], plan["buffer_bytes"]) == (600, 400, 300)
+    assert _core.plan_offload([5], [5], [True], 6, 5, 2, "multiply")["full_load"] is True
+    with pytest.raises(ValueError, match="equally long"):
+        _core.plan_offload([1, 2], [1], [True, True], 10, 3, 0, "multiply")
+    with pytest.raises(ValueError, match="unknown buffer rule"):
+        _core.plan_offload([1], [1], [True], 10, 1, 0, "lifo")
+    with pytest.raises(ValueError, match="cast_bytes 1 is smaller"):
+        _core.plan_offload([2], [1], [True], 10, 2, 0, "multiply")
