@@ -25,7 +25,7 @@ try:
 except ImportError as exc:
     logging.getLogger("vramkit").error(
         "VRAMKit nodes not loaded: vramkit is not installed in the Python that runs ComfyUI (%s). "
-        "Install it with: %s -m pip install vramkit", exc, sys.executable)
+        "Install it with: %s -m pip install <a VRAMKit clone or wheel>", exc, sys.executable)
     NODE_CLASS_MAPPINGS = {{}}
     NODE_DISPLAY_NAME_MAPPINGS = {{}}
 '''
