@@ -144,6 +144,11 @@ impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
         }
     }
 
+    /// True for a buffer made here, which nothing has touched yet (see `alloc::populate`).
+    pub fn is_fresh(&self) -> bool {
+        matches!(self, Self::Owned(_))
+    }
+
     pub fn as_mut_slice(&mut self, name: &str) -> PyResult<&mut [T]> {
         match self {
             Self::Given(rw) => slice_mut(name, rw),
@@ -172,7 +177,14 @@ where
     F: FnOnce(&mut [T]) -> crate::error::CoreResult<()> + Send,
 {
     let mut buf = OutBuf::new(name, out, shape)?;
+    let fresh = buf.is_fresh();
     let dst = buf.as_mut_slice(name)?;
-    py.detach(|| fill(dst)).map_err(super::to_py_err)?;
+    py.detach(|| {
+        if fresh {
+            crate::alloc::populate(dst);
+        }
+        fill(dst)
+    })
+    .map_err(super::to_py_err)?;
     buf.finish(py, shape)
 }

@@ -84,10 +84,15 @@ fn quantize<'py>(
     let mut codes = OutBuf::new("out", codes_given, &shape)?;
     let mut scales = OutBuf::new("scales_out", scales_out, &[n_blocks])?;
     {
+        let fresh = codes.is_fresh();
         let c = codes.as_mut_slice("out")?;
         let sc = scales.as_mut_slice("scales_out")?;
-        with_float_slice!(x, "x", |s| py
-            .detach(|| quant::quantize(fmt, s, block_len, c, sc)))
+        with_float_slice!(x, "x", |s| py.detach(|| {
+            if fresh {
+                crate::alloc::populate(c);
+            }
+            quant::quantize(fmt, s, block_len, c, sc)
+        }))
         .map_err(to_py_err)?;
     }
     let codes = match out {
