@@ -154,3 +154,76 @@ def test_offload_planner_binding():
         _core.plan_offload([1], [1], [True], 10, 1, 0, "lifo")
     with pytest.raises(ValueError, match="cast_bytes 1 is smaller"):
         _core.plan_offload([2], [1], [True], 10, 2, 0, "multiply")
+
+
+class TreePatcher:
+    """The parts of a ModelPatcher `patch.pristine_tensors` reads: the shared tree, object patches, backups."""
+
+    def __init__(self, model, object_patches=None, backup=None, hook_backup=None, backup_buffers=None):
+        self.model, self.object_patches = model, object_patches or {}
+        self.backup, self.hook_backup, self.backup_buffers = backup or {}, hook_backup or {}, backup_buffers or {}
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        obj = self.model
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _tree():
+    root = torch.nn.Module()
+    root.layer = torch.nn.Linear(4, 3)
+    root.layer.register_buffer("stat", torch.zeros(3))
+    return root
+
+
+def test_pristine_tensors_read_the_backups_of_a_merged_module():
+    from collections import namedtuple
+
+    from vramkit.comfy import patch
+
+    root = _tree()
+    layer = root.layer
+    weight, bias, stat = layer.weight.detach().clone(), layer.bias.detach().clone(), layer.stat.clone()
+    dim = namedtuple("Dimension", ["weight", "inplace_update"])
+    patcher = TreePatcher(root, backup={"layer.weight": dim(weight, False)},
+                          hook_backup={"layer.bias": (bias, torch.device("cpu"))},
+                          backup_buffers={"layer.stat": stat})
+    with torch.no_grad():  # what a loaded LoRA'd sibling did to the shared module
+        layer.weight.add_(5.0)
+        layer.bias.add_(5.0)
+        layer.stat.add_(5.0)
+    params, buffers = patch.pristine_tensors(patcher, "layer")
+    assert params["weight"] is weight and params["bias"] is bias and buffers["stat"] is stat
+
+
+def test_pristine_tensors_of_a_module_outside_the_tree_are_its_own():
+    from collections import namedtuple
+
+    from vramkit.comfy import patch
+
+    root = _tree()
+    own = torch.nn.Linear(4, 3)  # this patcher's object patch, while another module is installed
+    dim = namedtuple("Dimension", ["weight", "inplace_update"])
+    patcher = TreePatcher(root, object_patches={"layer": own},
+                          backup={"layer.weight": dim(torch.zeros(3, 4), False)})
+    params, _ = patch.pristine_tensors(patcher, "layer")
+    assert params["weight"] is own.weight and params["bias"] is own.bias
+
+
+def test_copy_module_takes_every_tensor_explicitly():
+    from vramkit.comfy import patch
+
+    layer = _tree().layer
+    with pytest.raises(ValueError, match="missing: bias"):
+        patch.copy_module(layer, parameters={"weight": torch.ones(3, 4)}, buffers={"stat": layer.stat})
+    new_bias = torch.full((3,), 2.0)
+    copy = patch.copy_module(layer, parameters={"weight": torch.ones(3, 4), "bias": new_bias},
+                             buffers={"stat": torch.ones(3)})
+    assert copy.bias is not layer.bias and torch.equal(copy.bias, new_bias)
+    assert torch.equal(copy.weight, torch.ones(3, 4)) and torch.equal(copy.stat, torch.ones(3))
+    assert torch.equal(layer.stat, torch.zeros(3)) and not torch.equal(layer.weight, torch.ones(3, 4))
+    copy.register_buffer("extra", torch.ones(1), persistent=False)
+    assert "extra" not in layer._non_persistent_buffers_set and "extra" not in layer._buffers

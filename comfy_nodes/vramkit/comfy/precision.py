@@ -74,17 +74,9 @@ def current_compute_dtype(model: Any) -> torch.dtype:
     return patched if patched is not None else model.model_dtype()  # type: ignore[no-any-return]
 
 
-def _ops(model: Any) -> list[tuple[str, torch.nn.Module]]:
-    root = patch.original_module(model, _ROOT)
-    found = []
-    for name, _live in root.named_modules():
-        if not name:
-            continue
-        module = patch.original_module(model, f"{_ROOT}.{name}")
-        if hasattr(module, "comfy_cast_weights") and any(
-                p is not None for p in module._parameters.values()):
-            found.append((name, module))
-    return found
+def _ops(model: Any) -> list[patch.Layer]:
+    return [layer for layer in patch.layers(model, _ROOT)
+            if hasattr(layer.module, "comfy_cast_weights") and any(p is not None for p in layer.params.values())]
 
 
 def apply_precision(model: Any, storage: str = "default", compute: str = "default") -> tuple[Any, str]:
@@ -100,25 +92,28 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
     if storage_dtype is not None:
         progress_ops = _ops(model)
         progress = compat.progress_bar(max(len(progress_ops), 1))
-        for name, module in progress_ops:
-            new_params: dict[str, torch.Tensor] = {}
-            for pname, param in module._parameters.items():
-                if param is None:
+        for layer in progress_ops:
+            name = layer.name
+            params = dict(layer.params)
+            changed = False
+            for pname, original in layer.params.items():
+                if original is None:
                     continue
-                if compat.is_comfy_quantized(param) or param.dtype not in _FLOATS:
+                if compat.is_comfy_quantized(original) or original.dtype not in _FLOATS:
                     kept += 1
                     continue
-                original = patch.pristine_weight(model, f"{_ROOT}.{name}", module) if pname == "weight" else param
                 if original.dtype == storage_dtype:
+                    params[pname] = original.to(compat.offload_device(model))
                     continue
                 if storage_dtype == torch.float16 and original.numel() and float(original.abs().max()) > _FP16_MAX:
                     raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up to "
                                      f"{float(original.abs().max()):.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 "
                                      "or fp32")
-                new_params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
-                delta += new_params[pname].nbytes - original.nbytes
-            if new_params:
-                copy = patch.copy_module(module, parameters=new_params)
+                params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
+                delta += params[pname].nbytes - original.nbytes  # type: ignore[union-attr]
+                changed = True
+            if changed:
+                copy = patch.copy_module(layer.module, parameters=params, buffers=layer.buffers)
                 copy.comfy_cast_weights = True  # cast to the compute dtype on the fly
                 out.add_object_patch(f"{_ROOT}.{name}", copy)
                 converted += 1
