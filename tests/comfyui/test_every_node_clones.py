@@ -83,3 +83,33 @@ def test_node_ignores_what_a_loaded_lora_sibling_merged(tiny, kind, node_id, inp
                 if pname == "bias" and live.dtype == param.dtype:
                     assert torch.equal(param, live), f"{name}.{pname} kept the sibling's LoRA"
     assert torch.equal(sample(out, kind), reference), "the sibling's LoRA leaked into the node's clone"
+
+
+@pytest.mark.parametrize("node_id", sorted(CALLS))
+def test_node_after_a_loaded_lora_reloads_cleanly(tiny, kind, node_id):
+    """A LoRA'd model has sampled (its patches stay merged into the shared modules), then the node runs on it
+    and its clone samples. ComfyUI swaps object patches without re-patching weights when the clone keeps the
+    LoRA clone's ``patches_uuid``: a node that swaps weight-holding modules must give its clone a new one,
+    or its layers run without the LoRA and unloading writes the backups into them, leaving the LoRA merged
+    into the shared model for good."""
+    import comfy.model_management as mm
+    from helpers import apply_lora, lora_state_dict
+
+    cls = nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def run_node(model):
+        result = getattr(cls(), cls.FUNCTION)(model, *CALLS[node_id])
+        return (result["result"] if isinstance(result, dict) else result)[0]
+
+    base_out = sample(tiny, kind)
+    snapshot = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    with_lora = apply_lora(tiny, lora_state_dict(tiny))
+    fresh = sample(run_node(with_lora), kind)  # loaded after the plain model: a full load
+    mm.unload_all_models()
+    sample(with_lora, kind)
+    after_lora = sample(run_node(with_lora), kind)
+    mm.unload_all_models()
+    state = tiny.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items()), "the LoRA stayed merged into the model"
+    assert torch.equal(sample(tiny, kind), base_out)
+    assert torch.equal(after_lora, fresh), "the clone ran differently after the LoRA'd model was loaded"

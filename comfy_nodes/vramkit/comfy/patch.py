@@ -9,6 +9,7 @@ makes re-running a node replace its own patch instead of stacking a second one.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -141,6 +142,20 @@ def copy_module(original: torch.nn.Module, cls: type | None = None, *,
                        for name, tensor in parameters.items()}
     new._buffers = dict(buffers)
     return new
+
+
+def add_module_patch(model: Any, name: str, module: torch.nn.Module) -> None:
+    """Installs `module` at `name` on this clone only (an object patch), and gives the clone new weights'
+    identity (``patches_uuid``).
+
+    ComfyUI decides whether loading a clone must restore and re-merge the weights by comparing that uuid with
+    the one last loaded: a clone of a LoRA'd model that kept its uuid would get our modules swapped in
+    without the LoRA merged into them, and unloading would then write ComfyUI's backups into our modules,
+    leaving the LoRA merged into the shared originals. ComfyUI's own ``set_model_compute_dtype`` renews the
+    uuid for the same reason.
+    """
+    model.add_object_patch(name, module)
+    model.patches_uuid = uuid.uuid4()
 
 
 def set_size(model: Any, size: int) -> None:

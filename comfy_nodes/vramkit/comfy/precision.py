@@ -115,7 +115,7 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
             if changed:
                 copy = patch.copy_module(layer.module, parameters=params, buffers=layer.buffers)
                 copy.comfy_cast_weights = True  # cast to the compute dtype on the fly
-                out.add_object_patch(f"{_ROOT}.{name}", copy)
+                patch.add_module_patch(out, f"{_ROOT}.{name}", copy)
                 converted += 1
             progress.update(1)
         if compute_dtype is None:

@@ -159,7 +159,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
                                  route)  # type: ignore[arg-type]
         others = {k: None if t is None else t.to(offload) for k, t in layer.params.items() if k != "weight"}
         stand_in = quantized_ops.quantized_copy(layer.module, q, scheme, others, layer.buffers)
-        out.add_object_patch(f"{_ROOT}.{name}", stand_in)
+        patch.add_module_patch(out, f"{_ROOT}.{name}", stand_in)
         report.layouts[layouts.layout_name(stand_in.weight) if route == "comfy" else "VRAMKit module"] += 1
         report.quantized.append(name)
         report.bytes_before += weight.nbytes
