@@ -83,6 +83,24 @@ def test_clamp_caps_growth_and_trims_overshoot():
     assert "partially_load" not in vars(patcher), "the clamp must not outlive the load"
 
 
+def test_clamp_puts_back_another_packs_instance_attribute():
+    patcher = StubPatcher(loaded=100)
+    calls = []
+
+    def other_pack(device_to, extra_memory=0, force_patch_weights=False):
+        calls.append(extra_memory)
+        return StubPatcher.partially_load(patcher, device_to, extra_memory, force_patch_weights)
+
+    patcher.partially_load = other_pack
+    with streaming.clamp_resident(patcher, 400):
+        patcher.partially_load("cuda:0", 1e32)
+    assert calls == [300], "the clamp must call through the other pack's wrapper"
+    assert vars(patcher)["partially_load"] is other_pack, "the other pack's wrapper must be put back"
+    with pytest.raises(RuntimeError), streaming.clamp_resident(patcher, 400):
+        raise RuntimeError("load failed")
+    assert vars(patcher)["partially_load"] is other_pack
+
+
 def test_wrapper_steps_aside_under_dynamic_vram():
     calls = []
     wrapper = streaming.BudgetedPrepareSampling(budget_bytes=123)
