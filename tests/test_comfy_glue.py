@@ -48,6 +48,14 @@ def test_bf16_capability():
     turing = precision.bf16_problem(gpu, capability=lambda d: (7, 5))
     assert turing is not None and "7.5" in turing and "8.0" in turing
     assert precision.bf16_problem(gpu, capability=lambda d: (8, 6)) is None
+    assert precision.bf16_storage_problem(cpu) is None  # storage needs no bf16 arithmetic
+    assert precision.bf16_storage_problem(torch.device("meta")) is not None  # a device that cannot run the probe
+
+
+def test_precision_node_says_where_bf16_works():
+    spec = nodes.VRAMKitPrecision.INPUT_TYPES()["required"]
+    assert "any GPU" in spec["weight_dtype"][1]["tooltip"] and "Ampere" in spec["compute_dtype"][1]["tooltip"]
+    assert "bf16 weights work on any GPU" in nodes.VRAMKitPrecision.DESCRIPTION
 
 
 class StubPatcher:

@@ -135,9 +135,9 @@ class VRAMKitOffload:
 
 class VRAMKitPrecision:
     DESCRIPTION = ("Sets how this model stores its weights and computes: fp32 (4 bytes a value), fp16 or bf16 "
-                   "(2 bytes; bf16 has fp32's range but needs an RTX 30 / Ampere or newer GPU). Weights in another "
-                   "dtype than the compute dtype are cast layer by layer as they run. default keeps what the "
-                   "model has.")
+                   "(2 bytes; bf16 has fp32's range). Weights in another dtype than the compute dtype are cast "
+                   "layer by layer as they run, so bf16 weights work on any GPU; computing in bf16 needs an "
+                   "RTX 30 / Ampere or newer. default keeps what the model has.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
@@ -147,10 +147,13 @@ class VRAMKitPrecision:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {}),
-            "weight_dtype": (list(precision.CHOICES), {"default": "default",
-                                                       "tooltip": "How the weights are stored."}),
-            "compute_dtype": (list(precision.CHOICES), {"default": "default",
-                                                        "tooltip": "What the math runs in."}),
+            "weight_dtype": (list(precision.CHOICES), {
+                "default": "default",
+                "tooltip": "How the weights are stored. bf16 works on any GPU: the weights are cast to the "
+                           "compute dtype as each layer runs."}),
+            "compute_dtype": (list(precision.CHOICES), {
+                "default": "default",
+                "tooltip": "What the math runs in. bf16 needs an RTX 30 / Ampere or newer GPU."}),
         }}
 
     def run(self, model: Any, weight_dtype: str, compute_dtype: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 Storage: each ComfyUI op (Linear, Conv, norms, embeddings) gets a per-clone copy whose weights are in the
 requested dtype, and casts them on the fly; layers that are already quantized and raw parameters outside
 ComfyUI's ops keep theirs. Compute: ComfyUI's own ``set_model_compute_dtype`` (its ``manual_cast`` path).
-bf16 is refused, with the reason, on devices that cannot compute in it.
+A bf16 compute dtype is refused, with the reason, on devices that cannot compute in it (NVIDIA before
+Ampere, ...); bf16 *storage* only needs the device to hold bf16 tensors and cast them to the compute dtype,
+which every CUDA GPU does (ComfyUI runs bf16 checkpoints with an fp16/fp32 manual cast the same way).
 """
 
 from __future__ import annotations
@@ -53,6 +55,17 @@ def bf16_problem(device: torch.device,
     return None
 
 
+def bf16_storage_problem(device: torch.device) -> str | None:
+    """Why `device` cannot hold bf16 weights and cast them to fp16/fp32 as layers run, or None when it can."""
+    if device.type == "cpu":
+        return None
+    try:  # ask the device itself: storing and converting needs no bf16 arithmetic units
+        torch.ones(2, dtype=torch.bfloat16, device=device).to(torch.float16).sum().item()
+    except (RuntimeError, TypeError) as exc:
+        return f"{device} cannot hold bf16 tensors ({exc})"
+    return None
+
+
 def parse_dtype(name: str, input_name: str) -> torch.dtype | None:
     if name not in CHOICES:
         raise ValueError(f"{input_name} {name!r} is not one of {', '.join(CHOICES)}")
@@ -60,12 +73,23 @@ def parse_dtype(name: str, input_name: str) -> torch.dtype | None:
 
 
 def check_bf16(model: Any, dtype: torch.dtype | None, input_name: str) -> None:
+    """Refuses bf16 as a compute dtype where the load device cannot compute in it."""
     if dtype != torch.bfloat16:
         return
     device = compat.load_device(model)
     problem = bf16_problem(device)
     if problem is not None:
-        raise ValueError(f"{input_name} = bf16 refused: {problem}. Use fp16 (same memory; watch for overflow) "
+        raise ValueError(f"{input_name} = bf16 refused: {problem}. Compute in fp16 (watch for overflow) or fp32; "
+                         "storing the weights as bf16 (weight_dtype) still works there.")
+
+
+def check_bf16_storage(model: Any, dtype: torch.dtype | None, input_name: str = "weight_dtype") -> None:
+    """Refuses bf16 as a storage dtype only where the load device cannot even hold bf16 tensors."""
+    if dtype != torch.bfloat16:
+        return
+    problem = bf16_storage_problem(compat.load_device(model))
+    if problem is not None:
+        raise ValueError(f"{input_name} = bf16 refused: {problem}. Store the weights as fp16 (same memory) "
                          "or fp32.")
 
 
@@ -83,7 +107,7 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
     """A clone of `model` storing its op weights as `storage` and computing in `compute`; and a summary."""
     storage_dtype = parse_dtype(storage, "weight_dtype")
     compute_dtype = parse_dtype(compute, "compute_dtype")
-    check_bf16(model, storage_dtype, "weight_dtype")
+    check_bf16_storage(model, storage_dtype, "weight_dtype")
     check_bf16(model, compute_dtype, "compute_dtype")
     out = patch.clone(model)
     notes: list[str] = []
@@ -105,10 +129,12 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
                 if original.dtype == storage_dtype:
                     params[pname] = original.to(compat.offload_device(model))
                     continue
-                if storage_dtype == torch.float16 and original.numel() and float(original.abs().max()) > _FP16_MAX:
-                    raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up to "
-                                     f"{float(original.abs().max()):.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 "
-                                     "or fp32")
+                if storage_dtype == torch.float16 and original.numel():
+                    with torch.no_grad():  # parameters may require grad: no graph, no scalar warning
+                        largest = float(original.detach().abs().max())
+                    if largest > _FP16_MAX:
+                        raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up "
+                                         f"to {largest:.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 or fp32")
                 params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
                 delta += params[pname].nbytes - original.nbytes  # type: ignore[union-attr]
                 changed = True
