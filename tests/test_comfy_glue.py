@@ -253,3 +253,28 @@ def test_copy_module_takes_every_tensor_explicitly():
     assert torch.equal(layer.stat, torch.zeros(3)) and not torch.equal(layer.weight, torch.ones(3, 4))
     copy.register_buffer("extra", torch.ones(1), persistent=False)
     assert "extra" not in layer._non_persistent_buffers_set and "extra" not in layer._buffers
+
+
+def test_one_dtype_table_for_every_node():
+    from vramkit import quant
+    from vramkit.comfy import dtypes, layouts
+
+    assert layouts._TORCH_FP8 is quant._TORCH_FP8
+    assert tuple(dtypes.FLOATS.values()) == quant.SOURCE_DTYPES
+    choices = [nodes.VRAMKitQuantize.INPUT_TYPES()["required"]["compute_dtype"][0],
+               nodes.VRAMKitPrecision.INPUT_TYPES()["required"]["weight_dtype"][0],
+               nodes.VRAMKitPrecision.INPUT_TYPES()["required"]["compute_dtype"][0]]
+    assert all(c == ["default", "fp32", "fp16", "bf16"] for c in choices)
+    assert dtypes.parse("default", "compute_dtype") is None and dtypes.parse("bf16", "x") is torch.bfloat16
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    ("fp8", ValueError, "compute_dtype 'fp8' is not one of default, fp32, fp16, bf16"),
+    (torch.float16, TypeError, "compute_dtype must be one of default, fp32, fp16, bf16 \\(a string\\), got dtype"),
+    (["fp16"], TypeError, "got list"),
+])
+def test_dtype_names_refused_clearly(value, error, message):
+    from vramkit.comfy import dtypes
+
+    with pytest.raises(error, match=message):
+        dtypes.parse(value, "compute_dtype")

@@ -7,7 +7,7 @@ import tiny_models
 import torch
 from helpers import rel, sample
 
-from vramkit.comfy import precision
+from vramkit.comfy import dtypes, precision
 from vramkit.comfy.nodes import VRAMKitPrecision
 
 
@@ -22,7 +22,7 @@ def test_storage_dtype_halves_the_weights(tiny, kind, storage, tolerance):
     stored, summary = set_precision(tiny, storage)
     assert stored is not tiny and stored.model is tiny.model
     patched = {k: p for k, p in stored.object_patches.items() if isinstance(p, torch.nn.Module)}
-    assert patched and all(p.weight.dtype == precision.DTYPES[storage] for p in patched.values())
+    assert patched and all(p.weight.dtype == dtypes.FLOATS[storage] for p in patched.values())
     old = sum(sum(t.nbytes for t in tiny.get_model_object(k).parameters()) for k in patched)
     new = sum(sum(t.nbytes for t in p.parameters()) for p in patched.values())
     assert new * 2 == old

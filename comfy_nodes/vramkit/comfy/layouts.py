@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from .. import quant
+from ..quant import _TORCH_FP8
 from . import compat
 
 LAYOUT_NAME = "VRAMKitBlockScaledLayout"
 
-_TORCH_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def storage_codes(q: quant.QTensor) -> torch.Tensor:

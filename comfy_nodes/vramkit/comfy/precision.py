@@ -16,13 +16,10 @@ from typing import Any
 
 import torch
 
-from . import compat, patch
+from . import compat, dtypes, patch
 
 log = logging.getLogger("vramkit.comfy")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHOICES = ("default", *DTYPES)
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
 _ROOT = "diffusion_model"
 
@@ -66,12 +63,6 @@ def bf16_storage_problem(device: torch.device) -> str | None:
     return None
 
 
-def parse_dtype(name: str, input_name: str) -> torch.dtype | None:
-    if name not in CHOICES:
-        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(CHOICES)}")
-    return DTYPES.get(name)
-
-
 def check_bf16(model: Any, dtype: torch.dtype | None, input_name: str) -> None:
     """Refuses bf16 as a compute dtype where the load device cannot compute in it."""
     if dtype != torch.bfloat16:
@@ -105,8 +96,8 @@ def _ops(model: Any) -> list[patch.Layer]:
 
 def apply_precision(model: Any, storage: str = "default", compute: str = "default") -> tuple[Any, str]:
     """A clone of `model` storing its op weights as `storage` and computing in `compute`; and a summary."""
-    storage_dtype = parse_dtype(storage, "weight_dtype")
-    compute_dtype = parse_dtype(compute, "compute_dtype")
+    storage_dtype = dtypes.parse(storage, "weight_dtype")
+    compute_dtype = dtypes.parse(compute, "compute_dtype")
     check_bf16_storage(model, storage_dtype, "weight_dtype")
     check_bf16(model, compute_dtype, "compute_dtype")
     out = patch.clone(model)
@@ -123,7 +114,7 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
             for pname, original in layer.params.items():
                 if original is None:
                     continue
-                if compat.is_comfy_quantized(original) or original.dtype not in _FLOATS:
+                if compat.is_comfy_quantized(original) or original.dtype not in dtypes.FLOATS.values():
                     kept += 1
                     continue
                 if original.dtype == storage_dtype:

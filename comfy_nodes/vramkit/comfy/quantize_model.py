@@ -11,14 +11,12 @@ from typing import Any
 import torch
 
 from .. import quant
-from . import compat, layouts, patch, quantized_ops, selection
+from . import compat, dtypes, layouts, patch, quantized_ops, selection
 
 log = logging.getLogger("vramkit.comfy")
 
 NODE_FORMATS = ("int8", "fp8_e4m3fn", "fp8_e5m2")
 NODE_GRANULARITIES = ("group", "channel", "tensor")
-COMPUTE_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OPS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _ROOT = "diffusion_model"
 
@@ -82,12 +80,6 @@ def validate_scheme(format: str, granularity: str, group_size: int) -> None:
                          f"got {group_size!r}")
 
 
-def compute_dtype(name: str, input_name: str = "compute_dtype") -> torch.dtype | None:
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
 def _candidates(model: Any) -> tuple[list[patch.Layer], dict[str, str], list[str]]:
     """Quantizable layers in model order (with their unpatched tensors); layers that look quantizable but
     cannot be, with the reason; and the names of the model's block lists."""
@@ -106,7 +98,7 @@ def _candidates(model: Any) -> tuple[list[patch.Layer], dict[str, str], list[str
             refused[name] = "not a ComfyUI op (cannot dequantize on the fly)"
         elif compat.is_comfy_quantized(weight):
             refused[name] = "already quantized"
-        elif weight is None or weight.dtype not in _SOURCE_DTYPES:
+        elif weight is None or weight.dtype not in quant.SOURCE_DTYPES:
             refused[name] = f"stored as {None if weight is None else weight.dtype}"
         else:
             found.append(layer)
@@ -123,7 +115,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
     """
     validate_scheme(format, granularity, group_size)
     rules = selection.parse_skip_patterns(skip_patterns)
-    dtype_override = compute_dtype(compute)
+    dtype_override = dtypes.parse(compute, "compute_dtype")
     route = route or quantized_ops.default_route()
     if route not in ("comfy", "module"):
         raise ValueError(f"route {route!r} is not 'comfy' or 'module'")
