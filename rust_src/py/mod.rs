@@ -7,7 +7,7 @@ mod plan_offload;
 mod quant;
 
 use crate::error::CoreError;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -51,5 +51,6 @@ pub fn to_py_err(e: CoreError) -> PyErr {
     match e {
         CoreError::Value(m) | CoreError::NonFinite(m) => PyValueError::new_err(m),
         CoreError::Type(m) => PyTypeError::new_err(m),
+        CoreError::OutOfMemory(m) => PyMemoryError::new_err(m),
     }
 }
