@@ -125,6 +125,52 @@ def test_masks_broadcast_and_fully_masked_rows_give_zeros(mode: str, heads_layou
             assert bool((rows == 0).all()), "a query whose keys are all masked gives zeros"
 
 
+def _bool_with_bytes(keep: torch.Tensor, *true_bytes: int) -> torch.Tensor:
+    """`keep` as a bool tensor whose True elements hold the bytes `true_bytes` (cycled), not 1: what
+    `.view(torch.bool)` of uint8 data gives (numpy and torch read every nonzero byte as True)."""
+    codes = torch.tensor(true_bytes, dtype=torch.uint8).repeat(keep.numel() // len(true_bytes) + 1)
+    raw = torch.where(keep.flatten(), codes[:keep.numel()], 0).reshape(keep.shape)
+    return raw.view(torch.bool)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+def test_bool_masks_holding_bytes_other_than_1_read_nonzero_as_attend(heads_layout: bool, dtype: torch.dtype
+                                                                        ) -> None:
+    q, k, v, heads = qkv((2, 3, 45, 150, 32, 32), dtype, heads_layout, seed=11)
+    for i, keep in enumerate(masks(2, 3, 45, 150)[:3]):
+        odd = _bool_with_bytes(keep, 2, 255, 1, 0x80)
+        assert odd.view(torch.uint8).max() == 255 and torch.equal(odd, keep)
+        want = reference(q, k, v, heads, keep)
+        for mode in ("sdpa", "chunked", "sliced", "auto"):
+            plain = attention(q, k, v, heads, mask=keep, mode=mode)
+            got = attention(q, k, v, heads, mask=odd, mode=mode)
+            assert torch.equal(got, plain), (mode, i)
+            assert rel_err(got, want) < TOL[dtype], (mode, i)
+        # The torch chunked path (CUDA's "chunked") with small chunks, on both masks.
+        outs = []
+        for m in (keep, odd):
+            p = prepare(q, k, v, heads, m, None)
+            outs.append(torch.empty(2, 3, 45, 32, dtype=dtype))
+            attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, outs[-1], 16, 64)
+        assert torch.equal(outs[0], outs[1]), i
+
+
+@pytest.mark.parametrize("engine", _core.attention_engines())
+def test_every_rust_engine_reads_bool_mask_bytes_as_nonzero(engine: str) -> None:
+    dtype = torch.bfloat16 if engine == "avx512-bf16" else torch.float32
+    q, k, v, _ = qkv((2, 3, 45, 150, 32, 32), dtype, seed=12)
+    np_ = [t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy() for t in (q, k, v)]
+    for keep in masks(2, 3, 45, 150)[:3]:
+        keep4 = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)).contiguous()
+        for true_byte in (2, 3, 0x80, 0xFF):
+            odd = _bool_with_bytes(keep4, true_byte).numpy()
+            assert odd.dtype == bool and odd.view("uint8").max() == true_byte
+            plain, _ = _core.attention(*np_, None, keep4.numpy(), engine=engine, block_q=16, block_kv=64)
+            got, _ = _core.attention(*np_, None, odd, engine=engine, block_q=16, block_kv=64)
+            assert (got == plain).all(), true_byte
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype) -> None:
     shape = (2, 3, 61, 97, 24, 40)

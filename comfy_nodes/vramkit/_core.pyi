@@ -66,7 +66,8 @@ def error_stats(x: FloatArray, codes: CodeArray, fmt: Format, scales: npt.NDArra
 
 AttentionEngine = Literal["portable", "avx512", "avx512-bf16"]
 MaskArray = npt.NDArray[np.bool_] | FloatArray
-"""bool (True = attend) or additive float32 / float16 / uint16 holding bfloat16 bits."""
+"""bool (True = attend; read as bytes, so any nonzero byte counts as True, as in numpy and torch) or additive
+float32 / float16 / uint16 holding bfloat16 bits."""
 
 class AttentionStats(TypedDict):
     engine: AttentionEngine

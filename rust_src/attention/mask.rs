@@ -1,4 +1,4 @@
-//! Attention masks: boolean (true = attend) or additive float, broadcast over (batch, heads, q, k).
+//! Attention masks: boolean (nonzero = attend) or additive float, broadcast over (batch, heads, q, k).
 
 use super::Dims;
 use crate::error::CoreResult;
@@ -11,8 +11,12 @@ use std::f32::consts::LOG2_E;
 /// The values of a mask, row-major over its `shape`.
 #[derive(Debug, Clone, Copy)]
 pub enum MaskValues<'a> {
-    /// `true` keeps the key, `false` masks it out (its weight is exactly 0).
-    Bool(&'a [bool]),
+    /// The bytes of a boolean mask: nonzero keeps the key, 0 masks it out (its weight is exactly 0).
+    ///
+    /// Bytes, not `&[bool]`: a bool array from numpy or torch can hold bytes other than 0 and 1 (e.g.
+    /// `torch.tensor([2], dtype=torch.uint8).view(torch.bool)`), which would be undefined behaviour as a
+    /// Rust `bool`. Every nonzero byte counts as true, as numpy and torch read it.
+    Bool(&'a [u8]),
     /// Added to the scaled scores before the softmax (`-inf` masks a key out).
     F32(&'a [f32]),
     F16(&'a [f16]),
@@ -76,7 +80,8 @@ impl Mask<'_> {
     }
 
     /// Turns raw scores `s` of query row `i` against keys `j0..j0 + s.len()` into log2-domain logits:
-    /// `s * c + mask * log2(e)` (additive) or `s * c` / `-inf` (boolean), with `c = scale * log2(e)`.
+    /// `s * c + mask * log2(e)` (additive) or `s * c` / `-inf` (boolean: nonzero byte / zero byte), with
+    /// `c = scale * log2(e)`.
     pub(super) fn apply_row(
         &self,
         st: MaskStrides,
@@ -118,7 +123,7 @@ pub(super) fn scale_row(s: &mut [f32], c: f32) {
 }
 
 multiversion!(fn apply_add<M: Element>(s: &mut [f32], m: &[M], c: f32) => apply_add_loop);
-multiversion!(fn apply_bool(s: &mut [f32], m: &[bool], c: f32) => apply_bool_loop);
+multiversion!(fn apply_bool(s: &mut [f32], m: &[u8], c: f32) => apply_bool_loop);
 multiversion!(fn scale_add(s: &mut [f32], c: f32, add: f32) => scale_add_loop);
 
 #[inline(always)]
@@ -129,9 +134,9 @@ fn apply_add_loop<M: Element>(s: &mut [f32], m: &[M], c: f32) {
 }
 
 #[inline(always)]
-fn apply_bool_loop(s: &mut [f32], m: &[bool], c: f32) {
+fn apply_bool_loop(s: &mut [f32], m: &[u8], c: f32) {
     for (x, &keep) in s.iter_mut().zip(m) {
-        *x = if keep { *x * c } else { f32::NEG_INFINITY };
+        *x = if keep != 0 { *x * c } else { f32::NEG_INFINITY };
     }
 }
 
@@ -142,8 +147,8 @@ fn scale_add_loop(s: &mut [f32], c: f32, add: f32) {
     }
 }
 
-fn apply_bool_scalar(s: &mut [f32], keep: bool, c: f32) {
-    if keep {
+fn apply_bool_scalar(s: &mut [f32], keep: u8, c: f32) {
+    if keep != 0 {
         scale_row(s, c);
     } else {
         s.fill(f32::NEG_INFINITY);
@@ -200,7 +205,7 @@ mod tests {
         let mut s = [0f32; 3];
         m.apply_row(m.strides(), (1, 2, 3), 2, &mut s, 1.0);
         assert_eq!(s, [7.0 * LOG2_E, 8.0 * LOG2_E, 9.0 * LOG2_E]);
-        let keep = [true, false];
+        let keep = [1u8, 0];
         let b = Mask {
             values: MaskValues::Bool(&keep),
             shape: [2, 1, 1, 1],
@@ -210,5 +215,32 @@ mod tests {
         assert_eq!(s, [f32::NEG_INFINITY; 2]);
         b.apply_row(b.strides(), (0, 0, 0), 0, &mut s, 2.0);
         assert_eq!(s, [f32::NEG_INFINITY; 2]); // -inf * 2 stays -inf
+    }
+
+    #[test]
+    fn every_nonzero_byte_of_a_bool_mask_attends() {
+        // Bytes a numpy/torch bool array can hold besides 0 and 1; all of them mean "attend".
+        let bytes = [
+            0u8, 1, 2, 0x80, 0xff, 0, 7, 1, 0, 2, 2, 0, 0xfe, 1, 0, 3, 0, 1,
+        ];
+        let m = Mask {
+            values: MaskValues::Bool(&bytes),
+            shape: [1, 1, 1, bytes.len()],
+        };
+        let mut s = [1.5f32; 18];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 2.0);
+        for (x, &b) in s.iter().zip(&bytes) {
+            assert_eq!(*x, if b != 0 { 3.0 } else { f32::NEG_INFINITY });
+        }
+        for &b in &[2u8, 0xff] {
+            let one = [b];
+            let m = Mask {
+                values: MaskValues::Bool(&one),
+                shape: [1, 1, 1, 1],
+            };
+            let mut s = [1.5f32; 3];
+            m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 2.0);
+            assert_eq!(s, [3.0; 3]);
+        }
     }
 }

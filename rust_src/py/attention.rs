@@ -6,7 +6,7 @@ use crate::attention::{
     attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
 };
 use crate::plan::attention::{plan_attention as plan, Request};
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -31,14 +31,17 @@ fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArrayDyn<'_, T>) ->
 
 /// A mask array: bool, float32, float16, or uint16 holding bfloat16 bits.
 enum MaskArray<'py> {
-    Bool(PyReadonlyArrayDyn<'py, bool>),
+    /// A bool array's bytes, viewed as uint8: a bool array may hold bytes other than 0 and 1 (torch's
+    /// `.view(torch.bool)` of any uint8 data), so it is never read as `&[bool]`; nonzero means attend.
+    Bool(PyReadonlyArrayDyn<'py, u8>),
     Float(FloatArray<'py>),
 }
 
 impl<'py> MaskArray<'py> {
     fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, bool>>() {
-            return Ok(Self::Bool(a));
+        if let Ok(a) = obj.cast::<PyArrayDyn<bool>>() {
+            let bytes = a.call_method1("view", ("uint8",))?;
+            return Ok(Self::Bool(bytes.extract::<PyReadonlyArrayDyn<'py, u8>>()?));
         }
         FloatArray::extract("mask", obj)
             .map(Self::Float)
