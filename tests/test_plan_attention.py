@@ -129,6 +129,28 @@ def test_bad_planner_arguments_are_value_errors(bad: dict) -> None:
         _core.plan_attention(**args)
 
 
+@pytest.mark.parametrize("sizes", [
+    (1, 1, 2**32, 2**32, 1),       # q_len * kv_len = 2^64
+    (1, 1, 1, 1, 2**62),           # head_dim bytes
+    (2**31, 2**31, 1, 2**40, 1),   # batch * heads * kv_len
+    (1, 1, 2**40, 2**40, 2**20),
+])
+def test_absurd_sizes_never_fit(sizes: tuple[int, ...]) -> None:
+    """Byte counts saturate instead of wrapping around to a small number that fits (release builds)."""
+    b, h, nq, nk, d = sizes
+    try:
+        pl = _core.plan_attention(b, h, nq, nk, d, 2, 300 << 30, threads=2**40)
+    except ValueError as e:  # sizes whose tensors could not exist at all
+        assert "overflow" in str(e)
+        return
+    assert not pl["sliced_fits"], pl["summary"]
+    for mode in ("kernel", "torch", "sliced"):
+        assert pl[f"{mode}_fits"] == (pl[f"{mode}_peak_bytes"] <= 300 << 30), (mode, pl["summary"])
+    assert pl["sliced_peak_bytes"] == 2**64 - 1
+    huge = _core.plan_attention(1, 1, 2**32, 2**32, 1, 2, 300 << 30)
+    assert not huge["sliced_fits"] and huge["sliced_peak_bytes"] == 2**64 - 1
+
+
 def test_unknown_engine_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="accepted: auto, portable"):
         _core.plan_attention(1, 8, 64, 64, 64, 2, 0, engine="gpu")
