@@ -171,6 +171,57 @@ def test_every_rust_engine_reads_bool_mask_bytes_as_nonzero(engine: str) -> None
             assert (got == plain).all(), true_byte
 
 
+def huge_negative_masks(nq: int, nk: int, mask_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Additive masks using `torch.finfo(mask_dtype).min` (the usual "masked out" value) instead of -inf."""
+    lo = torch.finfo(mask_dtype).min
+    m = torch.randn(1, 1, nq, nk, generator=gen(13)).to(mask_dtype)
+    m[..., 0, :] = lo                    # every key at the minimum: the float64 reference averages V
+    m[..., 1, ::2] = lo                  # half the keys
+    m[..., 2, :] = -math.inf
+    m[..., 2, 1::3] = lo                 # -inf and the minimum: the minimum keys share the weight
+    m[..., 3, :] = -math.inf             # all -inf: zeros
+    per_row = torch.zeros(1, 1, nq, 1, dtype=mask_dtype)
+    per_row[..., 0, :] = lo              # broadcast over the keys
+    per_row[..., 4, :] = -math.inf
+    return [m, per_row]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+def test_finfo_min_masks_match_float64(heads_layout: bool, dtype: torch.dtype, mask_dtype: torch.dtype) -> None:
+    """`finfo.min` is finite: a row masked with it averages V in float64, so it must not turn into -inf
+    (zeros) in the Rust kernel's log2 scaling."""
+    q, k, v, heads = qkv((2, 3, 45, 150, 32, 32), dtype, heads_layout, seed=14)
+    for i, mask in enumerate(huge_negative_masks(45, 150, mask_dtype)):
+        want = reference(q, k, v, heads, mask)
+        rows = want[:, 0] if heads_layout else want[:, :, 0]
+        assert float(rows.abs().max()) > 0.01  # the fully "masked" row is V's average, not zeros
+        for mode in ("chunked", "sliced", "auto"):
+            out = attention(q, k, v, heads, mask=mask, mode=mode)
+            assert rel_err(out, want) < TOL[dtype], (mode, i)
+        p = prepare(q, k, v, heads, mask, None)
+        want4 = reference(p.q, p.k, p.v, None, p.mask)
+        for chunk_q, chunk_kv in ((16, 64), (45, 150)):
+            out = torch.empty(2, 3, 45, 32, dtype=dtype)
+            attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out, chunk_q, chunk_kv)
+            assert rel_err(out, want4) < TOL[dtype], ("torch chunked", i)
+
+
+@pytest.mark.parametrize("engine", _core.attention_engines())
+def test_every_rust_engine_keeps_finfo_min_finite(engine: str) -> None:
+    dtype = torch.bfloat16 if engine == "avx512-bf16" else torch.float32
+    q, k, v, _ = qkv((1, 2, 45, 150, 32, 32), dtype, seed=15)
+    np_ = [t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy() for t in (q, k, v)]
+    for mask_dtype in (torch.float32, torch.bfloat16):
+        for mask in huge_negative_masks(45, 150, mask_dtype):
+            m = mask.view(torch.uint16).numpy() if mask_dtype == torch.bfloat16 else mask.numpy()
+            res, _ = _core.attention(*np_, None, m, engine=engine, block_q=16, block_kv=64)
+            out = torch.from_numpy(res)
+            out = out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+            assert rel_err(out, reference(q, k, v, None, mask)) < TOL[dtype], mask_dtype
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype) -> None:
     shape = (2, 3, 61, 97, 24, 40)

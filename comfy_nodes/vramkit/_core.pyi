@@ -115,8 +115,9 @@ def attention(q: FloatArray, k: FloatArray, v: FloatArray, heads: int | None = N
     else (B, N, heads * D) (v may have another head dim than q and k). The output has q's layout and
     dtype. `mask` is 4-D (B|1, H|1, Nq|1, Nk|1). `scale` defaults to 1/sqrt(D). All arithmetic is float32
     (on "avx512-bf16", bf16 products are exact and summed in float32; probabilities are rounded to bf16 for
-    P V). A query whose keys are all masked out, or any query when Nk == 0, gets zeros; NaN inputs reach
-    the outputs they touch. Unset block sizes come from the planner. Returns (output, stats)."""
+    P V). A query whose keys are all masked out (bool False or additive -inf), or any query when Nk == 0,
+    gets zeros; finite additive values, however large (e.g. float32's min), stay finite logits. NaN inputs
+    reach the outputs they touch. Unset block sizes come from the planner. Returns (output, stats)."""
 
 def attention_engines() -> list[AttentionEngine]:
     """The engines this CPU runs ("portable" always; "avx512" needs AVX-512F; "avx512-bf16" AVX-512 BF16)."""

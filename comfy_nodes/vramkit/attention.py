@@ -20,6 +20,10 @@ Semantics (all modes): ``softmax(scale * q k^T + mask) v`` per batch and head, w
 and v's head dim. `mask` is bool (True = attend) or an additive float, broadcastable to (B, H, Nq, Nk)
 as in torch. `scale` defaults to 1/sqrt(D). A query row whose keys are all masked out gives zeros, and so
 does every row when there are no keys; NaN in the inputs reaches the outputs it touches, as in torch.
+Only -inf masks a key out: a huge finite additive value such as ``torch.finfo(torch.float32).min`` is a
+finite logit, so a row masked with it everywhere gives the average of V, as the float64 math does ("sdpa"
+on half-precision inputs converts a float32 mask to their dtype, where such values become -inf and the row
+gives zeros).
 Scores and the softmax are float32 in every mode but "sdpa", whose precision is torch's;
 `attn_precision=torch.float32` runs "sdpa" on float32 copies of half-precision inputs.
 """

@@ -17,7 +17,8 @@ pub enum MaskValues<'a> {
     /// `torch.tensor([2], dtype=torch.uint8).view(torch.bool)`), which would be undefined behaviour as a
     /// Rust `bool`. Every nonzero byte counts as true, as numpy and torch read it.
     Bool(&'a [u8]),
-    /// Added to the scaled scores before the softmax (`-inf` masks a key out).
+    /// Added to the scaled scores before the softmax (`-inf` masks a key out). Finite values beyond
+    /// `±BIAS_LIMIT` (e.g. `torch.finfo(torch.float32).min`, a common "masked" value) count as `±BIAS_LIMIT`.
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
@@ -80,7 +81,7 @@ impl Mask<'_> {
     }
 
     /// Turns raw scores `s` of query row `i` against keys `j0..j0 + s.len()` into log2-domain logits:
-    /// `s * c + mask * log2(e)` (additive) or `s * c` / `-inf` (boolean: nonzero byte / zero byte), with
+    /// `s * c + log2_bias(mask)` (additive) or `s * c` / `-inf` (boolean: nonzero byte / zero byte), with
     /// `c = scale * log2(e)`.
     pub(super) fn apply_row(
         &self,
@@ -108,9 +109,28 @@ impl Mask<'_> {
     }
 }
 
+/// The largest additive mask magnitude that stays finite once scaled to log2 units (`* log2(e)`).
+pub(super) const BIAS_LIMIT: f32 = f32::MAX / LOG2_E;
+
+/// An additive mask value in log2 units: `a * log2(e)`, with finite `a` first clamped to `±BIAS_LIMIT`.
+///
+/// Without the clamp, finite values below `-f32::MAX / log2(e)` (about -2.36e38, e.g. the common
+/// `torch.finfo(torch.float32).min`) would become `-inf`, and a row masked that way would weigh nothing
+/// and come out as zeros, where the float64 reference (and torch) give a finite logit, so such a row is
+/// the average of V. Infinities and NaN pass unchanged: `-inf` still masks a key out exactly.
+#[inline(always)]
+fn log2_bias(a: f32) -> f32 {
+    let a = if a.abs() <= f32::MAX {
+        a.clamp(-BIAS_LIMIT, BIAS_LIMIT)
+    } else {
+        a
+    };
+    a * LOG2_E
+}
+
 fn apply_add_any<M: Element>(s: &mut [f32], m: &[M], base: usize, sj: usize, c: f32) {
     if sj == 0 {
-        let add = m[base].to_f32() * LOG2_E;
+        let add = log2_bias(m[base].to_f32());
         scale_add(s, c, add);
     } else {
         apply_add(s, &m[base..base + s.len()], c);
@@ -129,7 +149,7 @@ multiversion!(fn scale_add(s: &mut [f32], c: f32, add: f32) => scale_add_loop);
 #[inline(always)]
 fn apply_add_loop<M: Element>(s: &mut [f32], m: &[M], c: f32) {
     for (x, &a) in s.iter_mut().zip(m) {
-        *x = *x * c + a.to_f32() * LOG2_E;
+        *x = *x * c + log2_bias(a.to_f32());
     }
 }
 
@@ -215,6 +235,36 @@ mod tests {
         assert_eq!(s, [f32::NEG_INFINITY; 2]);
         b.apply_row(b.strides(), (0, 0, 0), 0, &mut s, 2.0);
         assert_eq!(s, [f32::NEG_INFINITY; 2]); // -inf * 2 stays -inf
+    }
+
+    #[test]
+    fn huge_finite_additive_values_stay_finite_and_infinities_stay() {
+        assert!((BIAS_LIMIT * LOG2_E).is_finite());
+        assert_eq!(log2_bias(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert_eq!(log2_bias(f32::INFINITY), f32::INFINITY);
+        assert!(log2_bias(f32::NAN).is_nan());
+        assert_eq!(log2_bias(-1.0), -LOG2_E);
+        let mins = [f32::MIN, -3.0e38, -2.4e38, bf16::MIN.to_f32()];
+        for a in mins {
+            let b = log2_bias(a);
+            assert!(b.is_finite() && b < -3.0e38, "{a} -> {b}");
+        }
+        // Both the per-key loop and the broadcast (one value per row) path.
+        let m = Mask {
+            values: MaskValues::F32(&mins),
+            shape: [1, 1, 1, 4],
+        };
+        let mut s = [0.5f32; 4];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 1.0);
+        assert!(s.iter().all(|x| x.is_finite()), "{s:?}");
+        let one = [bf16::MIN];
+        let m = Mask {
+            values: MaskValues::Bf16(&one),
+            shape: [1, 1, 1, 1],
+        };
+        let mut s = [0.5f32; 3];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 1.0);
+        assert!(s.iter().all(|x| x.is_finite()), "{s:?}");
     }
 
     #[test]
