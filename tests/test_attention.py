@@ -239,6 +239,38 @@ def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype
             assert rel_err(out, want) < TOL[dtype]
 
 
+def test_expanded_masks_are_not_materialized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stride-0 (expanded) mask is collapsed to its distinct values: the Rust kernel gets the small
+    array (it broadcasts size-1 dims), not a (B, H, Nq, Nk) copy, and every mode gives the same result."""
+    b, h, nq, nk = 2, 3, 45, 150
+    q, k, v, _ = qkv((b, h, nq, nk, 32, 32), torch.float32, seed=16)
+    keys = masks(b, h, nq, nk)[2]  # (B, 1, 1, Nk) bool
+    bias = torch.randn(nq, 1, generator=gen(17)).expand(nq, nk)  # 2-D, expanded over the keys
+    cases = [
+        (keys, keys.expand(b, h, nq, nk), (b, 1, 1, nk)),
+        (torch.where(keys, 0.0, -math.inf), torch.where(keys, 0.0, -math.inf).expand(b, h, nq, nk), (b, 1, 1, nk)),
+        (bias[:, :1].contiguous(), bias, (1, 1, nq, 1)),
+        (keys[:1, :, :, :1], keys[:1, :, :, :1].expand(b, h, nq, nk), (1, 1, 1, 1)),
+    ]
+    seen: list[tuple[int, ...]] = []
+    real = _core.attention
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(args[4].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "attention", spy)
+    for small, expanded, collapsed in cases:
+        assert prepare(q, k, v, None, expanded, None).mask.shape == collapsed
+        for mode in ("chunked", "sdpa", "sliced"):
+            seen.clear()
+            got = attention(q, k, v, mask=expanded, mode=mode)
+            assert torch.equal(got, attention(q, k, v, mask=small, mode=mode)), mode
+            assert rel_err(got, reference(q, k, v, None, small)) < 1e-5, mode
+            if mode == "chunked":
+                assert seen[0] == collapsed  # the array handed to _core, not (B, H, Nq, Nk)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["sdpa", "chunked", "sliced"])
 def test_upcast_attention_is_at_least_as_accurate(mode: str, dtype: torch.dtype) -> None:

@@ -120,6 +120,8 @@ def _rust(p: Problem, budget_bytes: int | None) -> torch.Tensor:
         q, k, v, heads = p.q, p.k, p.v, None
     mask = None
     if p.mask is not None:
+        # `prepare` collapsed expanded (stride-0) dims to size 1, which the kernel broadcasts: the copies
+        # below hold the mask's distinct values only, never a full (B, H, Nq, Nk) tensor.
         m = p.mask if p.mask.dtype in (torch.bool, *DTYPES) else p.mask.float()
         mask = _as_numpy(m)
     blocks: dict[str, int] = {}

@@ -128,7 +128,12 @@ def _check_ndim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, fo
 
 
 def _check_mask(mask: torch.Tensor | None, full: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
-    """The mask as a 4-D view broadcastable to `full` = (B, H, Nq, Nk) (torch's broadcasting rules)."""
+    """The mask as a 4-D view broadcastable to `full` = (B, H, Nq, Nk) (torch's broadcasting rules), with
+    every stride-0 (expanded) dimension collapsed to size 1.
+
+    An expanded mask (``mask.expand(B, H, Nq, Nk)``) repeats one value along such a dimension; every path
+    broadcasts size-1 dimensions, so keeping it at size 1 means a later ``.contiguous()`` or dtype
+    conversion copies only the distinct values, never a full (B, H, Nq, Nk) tensor."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -142,7 +147,10 @@ def _check_mask(mask: torch.Tensor | None, full: tuple[int, ...], device: torch.
     if not ok:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
                          f"{full}; each size must be 1 or the full size (missing leading dims count as 1)")
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if any(st == 0 and n > 1 for n, st in zip(m4.shape, m4.stride(), strict=True)):
+        m4 = m4[tuple(slice(0, 1) if st == 0 else slice(None) for st in m4.stride())]
+    return m4
 
 
 def needs_grad(p: Problem) -> bool:
