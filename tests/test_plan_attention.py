@@ -8,6 +8,7 @@ are measured with torch's profiler, which records every allocation of torch's CP
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -117,6 +118,31 @@ def test_auto_follows_the_budget() -> None:
     assert choose_mode(p, 0) == "chunked"
     out = attention(q, k, v, heads, mask, mode="auto", budget_bytes=512 << 10)
     assert out.shape == q.shape
+
+
+def test_cuda_free_memory_counts_what_torch_has_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free for a new tensor on CUDA = the driver's free memory + reserved-but-unallocated cache (as
+    ComfyUI's get_free_memory), not mem_get_info alone. Tested with the torch.cuda calls replaced."""
+    from vramkit.attention import available_bytes
+
+    dev = torch.device("cuda", 1)
+    seen: list[object] = []
+
+    def fake(value: object) -> Callable[..., object]:
+        def f(device: object = None) -> object:
+            seen.append(device)
+            return value
+        return f
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake((3 << 30, 24 << 30)))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", fake(10 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", fake(4 << 30))
+    assert available_bytes(dev) == (3 << 30) + (6 << 30)
+    assert seen == [dev, dev, dev]
+    monkeypatch.setattr(torch.cuda, "memory_allocated", fake(11 << 30))  # never below the driver's number
+    assert available_bytes(dev) == 3 << 30
+    assert available_bytes(torch.device("cpu")) > 0
+    assert available_bytes(torch.device("meta")) == 0
 
 
 @pytest.mark.parametrize("bad", [

@@ -33,9 +33,14 @@ def _rust_engine(dtype: torch.dtype) -> str:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free on `device` now (CUDA: the driver's free memory; CPU: MemAvailable; else 0 = no limit)."""
+    """Memory free on `device` now, for new tensors: on CUDA the driver's free memory plus what torch's
+    caching allocator has reserved but not handed out (free for torch, though not for the driver; inside
+    ComfyUI often GBs), as ComfyUI's ``get_free_memory`` counts it; on CPU MemAvailable; elsewhere 0
+    (unknown, which the planner takes as no limit)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        driver_free = int(torch.cuda.mem_get_info(device)[0])
+        cached = int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+        return driver_free + max(0, cached)
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
