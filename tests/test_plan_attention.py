@@ -7,6 +7,7 @@ are measured with torch's profiler, which records every allocation of torch's CP
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -118,6 +119,30 @@ def test_auto_follows_the_budget() -> None:
     assert choose_mode(p, 0) == "chunked"
     out = attention(q, k, v, heads, mask, mode="auto", budget_bytes=512 << 10)
     assert out.shape == q.shape
+
+
+def test_no_mode_fits_is_logged_once_per_shape_and_budget(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import vramkit.attention_external
+
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    q, k, v, heads, mask = make(CASES[0])
+    small = q[:, :, :100]
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "no mode fits" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, logger="vramkit"):
+        for _ in range(5):
+            attention(q, k, v, heads, mask, mode="auto", budget_bytes=1000)
+        assert len(lines()) == 1 and "budget of 0.0 MiB" in lines()[0]
+        debug = [r for r in caplog.records if r.levelname == "DEBUG" and "no mode fits" in r.getMessage()]
+        assert len(debug) == 4  # the repeats still reach the debug log
+        attention(q, k, v, heads, mask, mode="auto", budget_bytes=2000)  # another budget
+        attention(small, k, v, heads, mask, mode="auto", budget_bytes=1000)  # another shape
+        attention(small, k, v, heads, mask, mode="auto", budget_bytes=1000)
+    assert len(lines()) == 3
 
 
 def test_cuda_free_memory_counts_what_torch_has_cached(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ usable for a call; otherwise one warning per reason, and the caller falls back."
 from __future__ import annotations
 
 import logging
+from collections.abc import Hashable
 
 import torch
 
@@ -12,13 +13,23 @@ from .attention_problem import Problem
 log = logging.getLogger("vramkit.attention")
 
 
-_warned: set[tuple[str, str]] = set()
+_warned: set[Hashable] = set()
+
+
+def log_once(key: Hashable, msg: str, *args: object) -> None:
+    """Logs `msg % args` as a warning the first time `key` is seen in this process, and at debug level
+    after that (attention runs hundreds of times per image: a warning per call would flood the log)."""
+    if key in _warned:
+        log.debug(msg, *args)
+        return
+    _warned.add(key)
+    log.warning(msg, *args)
 
 
 def warn_once(mode: str, reason: str, instead: str = "the 'auto' choice") -> None:
-    if (mode, reason) not in _warned:
-        _warned.add((mode, reason))
-        log.warning("attention mode %r unavailable (%s); using %s instead", mode, reason, instead)
+    """Says once per (mode, reason) that `mode` cannot run and what runs instead."""
+    log_once(("unavailable", mode, reason), "attention mode %r unavailable (%s); using %s instead", mode, reason,
+             instead)
 
 
 def run_external(p: Problem, mode: str, out4: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from . import _core
+from .attention_external import log_once
 from .attention_problem import Problem
 
 log = logging.getLogger("vramkit.attention")
@@ -87,6 +88,9 @@ def choose_mode(p: Problem, budget_bytes: int | None = None) -> str:
             log.debug("attention auto: %s (predicted %d bytes, budget %d)", mode, predicted[mode], budget)
             return mode
     smallest = min(order, key=lambda m: predicted[m])
-    log.warning("attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
-                ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
+    # Once per call shape and requested budget: a model makes the same call hundreds of times per image.
+    key = ("no mode fits", p.device.type, str(p.q.dtype), p.batch, p.heads, p.q_len, p.kv_len, p.head_dim,
+           p.v_head_dim, p.mask is not None, p.upcast, budget_bytes)
+    log_once(key, "attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
+             ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
     return smallest
