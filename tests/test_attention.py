@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import types
+from typing import Any
 
 import pytest
 import torch
@@ -366,6 +368,91 @@ def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.Log
             assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < 1e-5
     warnings = [r for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "needs a CUDA device" in warnings[0].getMessage()
+
+
+def _fake_backends(monkeypatch: pytest.MonkeyPatch, kernel: Any) -> None:
+    """Installs stand-ins for sageattention, flash_attn and xformers.ops whose kernel is `kernel`."""
+    mods = {"sageattention": {"sageattn": kernel}, "flash_attn": {"flash_attn_func": kernel},
+            "xformers": {}, "xformers.ops": {"memory_efficient_attention": kernel}}
+    for name, attrs in mods.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+
+
+def _cuda_like(d: int = 64, dv: int = 64) -> Any:
+    """A call that passes the device and dtype checks (CPU tensors standing in for CUDA ones)."""
+    g = gen(18)
+    q, k = (torch.randn(1, 2, 8, d, generator=g).half() for _ in range(2))
+    v = torch.randn(1, 2, 8, dv, generator=g).half()
+    return types.SimpleNamespace(q=q, k=k, v=v, mask=None, scale=d ** -0.5, device=torch.device("cuda"))
+
+
+REFUSALS = {
+    "flash": RuntimeError("FlashAttention forward only supports head dimension at most 256\nmore text"),
+    "xformers": NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:"),
+    "sage": ValueError("Unsupported head_dim: 72"),
+}
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_external_kernels_that_refuse_a_call_fall_back_with_one_warning(
+        mode: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    calls: list[int] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise REFUSALS[mode]
+
+    _fake_backends(monkeypatch, refuse)
+    p = _cuda_like()
+    out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        for _ in range(3):
+            assert vramkit.attention_external.run_external(p, mode, out4) is False
+        # Through `attention`, with the CUDA check waived for these CPU tensors: the "auto" choice runs.
+        monkeypatch.setattr(vramkit.attention_external, "_unusable", lambda p, mode: None)
+        q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float16)
+        assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < TOL[torch.float16]
+    assert len(calls) == 4 and bool((out4 == 0).all())
+    warnings = [r.getMessage() for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert type(REFUSALS[mode]).__name__ in warnings[0] and "more text" not in warnings[0]
+    assert "using the 'auto' choice instead" in warnings[0]
+
+
+@pytest.mark.parametrize(("d", "dv"), [(64, 32), (320, 320), (288, 64)])
+def test_flash_is_not_called_with_head_dims_it_lacks(d: int, dv: int, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    calls: list[int] = []
+
+    def flash(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise AssertionError("must not be called")
+
+    _fake_backends(monkeypatch, flash)
+    out4 = torch.zeros(1, 2, 8, dv, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        assert vramkit.attention_external.run_external(_cuda_like(d, dv), "flash", out4) is False
+    assert calls == []
+    assert "at most 256" in caplog.text and f"q/k {d}, v {dv}" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_a_working_external_kernel_writes_the_output(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        scale = kwargs.get("sm_scale", kwargs.get("softmax_scale", kwargs.get("scale")))
+        if mode == "sage":
+            assert kwargs["tensor_layout"] == "HND"
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        bhnd = (t.transpose(1, 2) for t in (q, k, v))  # flash and xFormers take (B, N, H, D)
+        return torch.nn.functional.scaled_dot_product_attention(*bhnd, scale=scale).transpose(1, 2)
+
+    _fake_backends(monkeypatch, kernel)
+    p = _cuda_like()
+    out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
+    assert vramkit.attention_external.run_external(p, mode, out4) is True
+    assert rel_err(out4, reference(p.q, p.k, p.v)) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("level", ["portable", "avx2"])

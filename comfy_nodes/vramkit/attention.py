@@ -11,7 +11,9 @@ Modes (the attention modes of the VRAM guide; they are alternatives, pick one):
 - ``"sliced"``: attention slicing, the last resort: a few (batch, head) pairs at a time, each with its
   whole score matrix.
 - ``"sage"``, ``"flash"``, ``"xformers"``: the external kernels when installed and usable for the call
-  (CUDA, half precision, no mask); otherwise a warning is logged once and ``"auto"``'s choice runs.
+  (CUDA, half precision, no mask; flash: v's head dim equal to q's, at most 256); otherwise, and when the
+  kernel refuses the call (RuntimeError, NotImplementedError, ValueError or AssertionError, e.g. a head
+  dim it lacks), a warning is logged once per reason and ``"auto"``'s choice runs.
 - ``"auto"``: the fastest mode whose predicted extra memory fits `budget_bytes` on the tensors' device
   (CPU: chunked, sdpa, sliced; CUDA and others: sdpa, chunked, sliced).
 
