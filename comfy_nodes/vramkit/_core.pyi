@@ -10,6 +10,9 @@ Conventions shared by every function:
   while the kernels run on all cores (rayon).
 - Errors: ValueError for bad shapes, sizes, names and NaN/Inf where a scale is needed; TypeError for arrays of
   a dtype that is not accepted. No Rust panic reaches Python.
+- Int arguments of the attention functions (sizes, block sizes, budgets) accept Python and numpy integers
+  (not bool: TypeError); one out of its range (negative, 0 where a positive size is needed, or above
+  2**64 - 1) is a ValueError naming the argument and the accepted range, not an OverflowError.
 """
 
 from collections.abc import Sequence

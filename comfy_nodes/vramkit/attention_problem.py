@@ -3,10 +3,14 @@ for what is not accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import DtypeError
@@ -90,8 +94,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None
         q4, k4, v4 = q, k, v
     else:
         form = "(batch, tokens, heads * head_dim)"
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"heads must be a positive int (or None for (B, H, N, D) tensors); got {heads!r}")
+        heads = _positive_int(heads)
         _check_ndim(q, k, v, 3, form)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[2] % heads:
@@ -114,11 +117,23 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None
         raise ValueError(f"the head dim must be positive; got {shapes}")
     if scale is None:
         scale = 1.0 / math.sqrt(q4.shape[3])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None (any real number: int, numpy floating or integer "
+                        f"scalar; not bool); got {type(scale).__name__}")
     upcast = attn_precision == torch.float32 and q.dtype != torch.float32
     mask4 = _check_mask(mask, (*q4.shape[:3], k4.shape[2]), q.device)
     return Problem(q4, k4, v4, mask4, float(scale), upcast, heads is not None)
+
+
+def _positive_int(heads: object) -> int:
+    """`heads` as an int: Python and numpy integers (anything with ``__index__``), not bools."""
+    value = 0
+    if not isinstance(heads, (bool, np.bool_)):
+        with contextlib.suppress(TypeError):
+            value = operator.index(heads)  # type: ignore[call-overload]
+    if value <= 0:
+        raise ValueError(f"heads must be a positive int (or None for (B, H, N, D) tensors); got {heads!r}")
+    return value
 
 
 def _check_ndim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, form: str) -> None:
