@@ -46,8 +46,9 @@ def _log_once(reason: str, func: Backend) -> None:
 def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: Override | None = None) -> Override:
     """A ComfyUI ``optimized_attention_override`` running `vramkit.attention.attention` in `mode`.
 
-    `budget_bytes` bounds the extra memory the planner gives "chunked" and "auto" (0: the device's free
-    memory). `previous` is the override the model had before, if any: it keeps being called (see the
+    `budget_bytes` bounds the extra memory the planner gives "auto", "chunked" and "sliced"; 0 means the
+    memory free on the device at each call, as in `vramkit.attention.attention` (the ComfyUI node's
+    "0 = auto"). `previous` is the override the model had before, if any: it keeps being called (see the
     module docs).
     """
     from .attention import MODES
@@ -55,7 +56,8 @@ def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: 
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be a non-negative int (0 = no fixed budget); got {budget_bytes!r}")
+        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory at each call); got "
+                         f"{budget_bytes!r}")
     if previous is not None and not callable(previous):
         raise TypeError(f"previous must be the model's earlier override (a callable) or None; got {previous!r}")
     inner = getattr(previous, "vramkit_previous", previous) if is_vramkit_override(previous) else previous
@@ -63,7 +65,7 @@ def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: 
     def override(func: Backend, q: Any, k: Any, v: Any, heads: int, mask: Any = None,
                  attn_precision: Any = None, skip_reshape: bool = False, skip_output_reshape: bool = False,
                  **kwargs: Any) -> torch.Tensor:
-        backend = _backend(func, mode, budget_bytes or None)
+        backend = _backend(func, mode, budget_bytes)
         if inner is not None:
             return inner(backend, q, k, v, heads, mask=mask, attn_precision=attn_precision,
                          skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)

@@ -327,6 +327,7 @@ fn plan_attention<'py>(
     };
     let p = plan(&req).map_err(to_py_err)?;
     let d = PyDict::new(py);
+    d.set_item("budget_bytes", req.budget_bytes)?;
     d.set_item("block_q", p.blocks.block_q)?;
     d.set_item("block_kv", p.blocks.block_kv)?;
     d.set_item("heads_per_group", p.blocks.heads_per_group)?;
