@@ -154,8 +154,12 @@ def test_the_binding_rejects_bad_arrays_with_python_errors() -> None:
         _core.attention(q, q.astype(np.float16), q)
     with pytest.raises(TypeError, match="float32, float16, or uint16"):
         _core.attention(q.astype(np.int32), q, q)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        _core.attention(np.asfortranarray(q), q, q)
+    for name, args in (("q", (np.asfortranarray(q), q, q)), ("k", (q, q[:, :, ::-1], q)), ("v", (q, q, q[..., ::2]))):
+        with pytest.raises(ValueError, match=f"{name} must be C-contiguous"):
+            _core.attention(*args)
+    for mask in (np.asfortranarray(np.ones((1, 2, 5, 5), bool)), np.ones((1, 2, 5, 10), np.float32)[..., ::2]):
+        with pytest.raises(ValueError, match="mask must be C-contiguous"):
+            _core.attention(q, q, q, None, mask)
     with pytest.raises(ValueError, match="4 dimensions"):
         _core.attention(q[0], q, q)
     with pytest.raises(ValueError, match="3 dimensions"):

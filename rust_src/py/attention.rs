@@ -1,6 +1,6 @@
 //! Python bindings of `crate::attention` and `crate::plan::attention`.
 
-use super::arrays::{describe, fill_output, FloatArray};
+use super::arrays::{describe, fill_output, slice, FloatArray};
 use super::{opt_usize_arg, to_py_err, usize_arg};
 use crate::attention::{
     attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
@@ -16,17 +16,6 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention_engines, m)?)?;
     m.add_function(wrap_pyfunction!(plan_attention, m)?)?;
     Ok(())
-}
-
-/// The elements of a C-contiguous array. (`PyReadonlyArray::as_slice` also accepts Fortran order, whose
-/// elements would then be read in the wrong order.)
-fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
-    if !a.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous; pass np.ascontiguousarray(...) (or tensor.contiguous())"
-        )));
-    }
-    super::arrays::slice(name, a)
 }
 
 /// A mask array: bool, float32, float16, or uint16 holding bfloat16 bits.
