@@ -57,8 +57,9 @@ from .attention_problem import DTYPES, Problem, needs_grad, prepare
 MODES: tuple[str, ...] = ("auto", "sdpa", "chunked", "sliced", "sage", "flash", "xformers")
 EXTERNAL_MODES: tuple[str, ...] = ("sage", "flash", "xformers")
 
-__all__ = ["DTYPES", "MODES", "Problem", "attention", "available_bytes", "budget_for", "choose_mode",
-           "last_kernel_stats", "make_comfy_override", "measure_mode", "plan", "prepare"]
+__all__ = ["DTYPES", "MODES", "ComfyOverride", "Problem", "attention", "available_bytes", "budget_for",
+           "choose_mode", "is_vramkit_override", "last_kernel_stats", "make_backend_override",
+           "make_comfy_override", "measure_mode", "plan", "prepare"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None,
@@ -185,4 +186,9 @@ def measure_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *
     return statistics.median(times), extra
 
 
-from .attention_override import make_comfy_override  # noqa: E402  (it calls back into this module)
+from .attention_override import (  # noqa: E402  (it calls back into this module)
+    ComfyOverride,
+    is_vramkit_override,
+    make_backend_override,
+    make_comfy_override,
+)
