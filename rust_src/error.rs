@@ -14,6 +14,9 @@ pub enum CoreError {
     /// NaN or infinity where a finite number is needed, e.g. to compute a scale (Python `ValueError`).
     #[error("{0}")]
     NonFinite(String),
+    /// A buffer the allocator could not provide (Python `MemoryError`).
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

@@ -76,6 +76,28 @@ def test_quantized_linear_matches_dequantized_weights_and_moves_devices() -> Non
     assert set(state) == {"codes", "scale", "bias"} and state["codes"].dtype == torch.int8
 
 
+@pytest.mark.parametrize("cast", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()])
+def test_dtype_casts_of_a_quantized_model_keep_its_float32_scales(cast) -> None:
+    model = demo_model.build(dim=64, heads=4, blocks=1, dtype=torch.float32)
+    quantize_linears(model, "int8", "group", 16)
+    layer = model.blocks[0].fc1
+    layer.bias = None  # the bias is an ordinary parameter, which dtype casts do round
+    x = torch.randn(8, 64)
+    before = layer(x)
+    cast(model).float()
+    assert layer.scale.dtype == torch.float32 and layer.codes.dtype == torch.int8
+    assert torch.equal(layer(x), before)
+
+
+def test_unknown_simd_level_is_reported() -> None:
+    import os
+
+    env = {**os.environ, "VRAMKIT_SIMD": "avx1024"}
+    done = subprocess.run([sys.executable, "-c", "import vramkit"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "VRAMKIT_SIMD='avx1024' is not one of" in done.stderr
+
+
 def test_quantize_linears_skips_by_pattern_and_reports_bytes() -> None:
     model = demo_model.build(dim=64, heads=4, blocks=2, dtype=torch.float32)
     x = demo_model.example_input(8, dim=64, dtype=torch.float32)

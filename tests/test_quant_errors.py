@@ -191,6 +191,33 @@ def test_core_checks_sizes_and_names() -> None:
         _core.quantize(np.zeros(0, np.float32), "int8", 1)
 
 
+def test_core_refuses_negative_sizes_with_a_value_error() -> None:
+    x = np.ones(8, np.float32)
+    with pytest.raises(ValueError, match="block_len must be >= 0; got -1"):
+        _core.quantize(x, "int8", -1)
+    codes, scales = _core.quantize(x, "int8", 8)
+    with pytest.raises(ValueError, match="block_len must be >= 0"):
+        _core.dequantize(codes, "int8", scales, -8, "float32")
+    with pytest.raises(ValueError, match="block_len must be >= 0"):
+        _core.error_stats(x, codes, "int8", scales, -8)
+
+
+def test_an_output_that_cannot_be_allocated_is_a_memory_error() -> None:
+    # 65536 queries with values of head dim 2^24: a 4 TiB output, refused by the allocator, not a panic.
+    q = np.zeros((1, 1, 65536, 1), np.float32)
+    k = np.zeros((1, 1, 1, 1), np.float32)
+    v = np.zeros((1, 1, 1, 2**24), np.float32)
+    with pytest.raises(MemoryError, match="could not be allocated"):
+        _core.attention(q, k, v)
+
+
+def test_meta_tensors_and_numpy_group_sizes() -> None:
+    with pytest.raises(ValueError, match="meta device"):
+        quant.quantize(torch.empty(4, 64, device="meta"), "int8", "channel")
+    q = quant.quantize(weights(), "int8", "group", np.int64(32))
+    assert q.group_size == 32 and isinstance(q.group_size, int)
+
+
 def test_core_writes_into_given_outputs() -> None:
     x = np.linspace(-3, 3, 128, dtype=np.float32)
     out = np.zeros(128, np.int8)

@@ -1,12 +1,22 @@
 """VRAMKit: run diffusion models that do not fit your GPU.
 
-FP8/INT8 weight quantization (`vramkit.quant`), chunked attention (`vramkit.attention`), block offloading
-and a memory planner, usable from plain torch and as ComfyUI nodes (`vramkit.comfy`, imported only inside
-ComfyUI). The numeric core is the Rust extension `vramkit._core`.
+Plain torch APIs: FP8/INT8 weight quantization (`vramkit.quant`, and `vramkit.qmodules` for whole models) and
+memory-efficient attention (`vramkit.attention`). ComfyUI nodes live in `vramkit.comfy`, imported only inside
+ComfyUI; they add per-model offloading, precision and measurement. The numeric core and the planners
+(attention chunk sizes, which layers stay on the GPU) are the Rust extension `vramkit._core`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 from ._core import __version__
 
 __all__ = ["__version__"]
+
+_SIMD_LEVELS = ("portable", "avx2", "avx512")
+if os.environ.get("VRAMKIT_SIMD", _SIMD_LEVELS[-1]) not in _SIMD_LEVELS:
+    logging.getLogger(__name__).warning(
+        "VRAMKIT_SIMD=%r is not one of %s; it is ignored (the kernels use the best level this CPU has)",
+        os.environ["VRAMKIT_SIMD"], ", ".join(_SIMD_LEVELS))

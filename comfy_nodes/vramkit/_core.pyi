@@ -8,8 +8,9 @@ Conventions shared by every function:
 - FP8 codes are uint8 arrays of float8 bit patterns (`torch.from_numpy(a).view(torch.float8_e4m3fn)`).
 - Outputs are new arrays (huge-page backed when large) unless an `out=` array is passed; the GIL is released
   while the kernels run on all cores (rayon).
-- Errors: ValueError for bad shapes, sizes, names and NaN/Inf where a scale is needed; TypeError for arrays of
-  a dtype that is not accepted. No Rust panic reaches Python.
+- Errors: ValueError for bad shapes, sizes (negative ones included), names and NaN/Inf where a scale is
+  needed; TypeError for arrays of a dtype that is not accepted; MemoryError when an output or working buffer
+  cannot be allocated. Input is validated before any kernel runs, so bad input never reaches a Rust panic.
 - Int arguments of the attention functions (sizes, block sizes, budgets) accept Python and numpy integers
   (not bool: TypeError); one out of its range (negative, 0 where a positive size is needed, or above
   2**64 - 1) is a ValueError naming the argument and the accepted range, not an OverflowError.
@@ -34,7 +35,8 @@ class ErrorStats(TypedDict):
     snr_db: float
 
 def simd_level() -> str:
-    """The vector instruction set the kernels use on this CPU ("avx2+fma+f16c" or "portable")."""
+    """The vector instruction set the kernels use on this CPU: "avx512", "avx2+fma+f16c" or "portable"
+    (the environment variable VRAMKIT_SIMD=portable|avx2|avx512, read once, caps it)."""
 
 def copy_bytes(x: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
     """The bytes of `x` copied into a new array allocated like every kernel output (a bandwidth roofline)."""
@@ -48,9 +50,10 @@ def quantize(x: FloatArray, fmt: Format, block_len: int, out: CodeArray | None =
              scales_out: npt.NDArray[np.float32] | None = None
              ) -> tuple[CodeArray, npt.NDArray[np.float32]]:
     """Scaled quantization with one float32 scale per block of `block_len` consecutive elements (row-major):
-    `scale = amax(|block|) / fmt_max` (448, 57344, 127; an all-zero block gets scale 1), codes
+    `scale = amax(|block|) / fmt_max` (448, 57344, 127), codes
     `cast(clamp(x / scale, -fmt_max, fmt_max))` for fp8 and `clamp(round_half_even(x / scale), -127, 127)`
-    for int8. Returns (codes shaped like `x`: uint8 for fp8, int8 for int8; scales of shape [n / block_len]).
+    for int8; a block whose scale would be 0 (all zeros, or an amax that small) gets scale 1.
+    Returns (codes shaped like `x`: uint8 for fp8, int8 for int8; scales of shape [n / block_len]).
     ValueError names the flat index of the first NaN/Inf."""
 
 def dequantize(codes: CodeArray, fmt: Format, scales: npt.NDArray[np.float32] | None, block_len: int,

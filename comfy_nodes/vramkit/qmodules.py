@@ -34,6 +34,16 @@ class QuantizedLinear(nn.Module):
         self.source_dtype = q.dtype
         self.out_features, self.in_features = q.shape
 
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()`, `.bfloat16()` cast every float buffer; the scales are part of the 8-bit
+        # format (float32 by definition) and must only follow device moves. The codes are integers, which
+        # dtype casts leave alone.
+        scale = self.scale
+        module = super()._apply(fn, recurse)
+        if self.scale is not None and scale is not None and self.scale.dtype != torch.float32:
+            self.scale = scale.to(device=self.scale.device)
+        return module
+
     @property
     def qweight(self) -> quant.QTensor:
         return quant.QTensor(self.codes, self.scale, self.format, self.granularity, self.group_size,

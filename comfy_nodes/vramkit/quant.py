@@ -10,7 +10,8 @@ Exact semantics, reproducible anywhere:
 - Scaled fp8: ``scale = amax / fmt_max`` in float32 (fmt_max 448 for e4m3fn, 57344 for e5m2) and
   ``data = (t.float() / scale).clamp(-fmt_max, fmt_max).to(fp8)``.
 - INT8: ``scale = amax / 127`` in float32 and ``data = torch.round(t.float() / scale).clamp(-127, 127)``.
-- A block whose scale would be 0 (all zeros) gets scale 1 and data 0.
+- A block whose scale would be 0 (all zeros, or an amax so small that ``amax / fmt_max`` underflows) gets
+  scale 1.
 - ``dequantize``: ``(data as float32 * scale).to(dtype)``.
 
 ``amax`` is taken over the whole tensor ("tensor"), over each output channel = dim 0 ("channel"), or over
@@ -21,6 +22,7 @@ weights too).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -164,6 +166,8 @@ def _check_tensor(t: object) -> None:
         raise DtypeError(f"cannot quantize a {t.dtype} tensor; accepted dtypes: {_names(SOURCE_DTYPES)}")
     if t.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(t.shape)})")
+    if t.device.type == "meta":
+        raise ValueError("cannot quantize a tensor on the meta device: it has a shape but no values")
 
 
 def _resolve_granularity(t: torch.Tensor, format: str, granularity: str | None,
@@ -187,8 +191,12 @@ def _resolve_granularity(t: torch.Tensor, format: str, granularity: str | None,
         return granularity, None
     if group_size is None:
         group_size = DEFAULT_GROUP_SIZE
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if isinstance(group_size, bool):
+        raise TypeError("group_size must be an int, got bool")
+    try:
+        group_size = operator.index(group_size)  # ints and numpy integers, not floats
+    except TypeError:
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}") from None
     row = t.numel() // t.shape[0]
     if group_size <= 0:
         raise ValueError(f"group_size must be positive (32, 64 or 128 are usual); got {group_size}")

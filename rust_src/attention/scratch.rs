@@ -6,7 +6,7 @@
 //! (Python's tracemalloc cannot see Rust allocations). Nothing else in the kernel allocates, apart from
 //! small fixed-size bookkeeping (a few words per thread), which the planner's margin covers.
 
-use crate::error::{CoreError, CoreResult};
+use crate::error::CoreResult;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Bytes currently allocated through it, and the most ever at once.
@@ -38,7 +38,10 @@ impl Meter {
     /// A zero-filled vector of `n` elements counted by this meter until it is dropped, or an error
     /// (instead of the process abort of an infallible allocation) when the memory is not there.
     pub fn zeroed<T: bytemuck::Zeroable>(&self, n: usize) -> CoreResult<Tracked<'_, T>> {
-        let v = try_zeroed_vec::<T>(n)?;
+        let v = crate::alloc::try_zeroed_vec::<T>(
+            n,
+            "attention working memory (use smaller blocks or budget)",
+        )?;
         let bytes = std::mem::size_of_val(v.as_slice());
         self.add(bytes);
         Ok(Tracked {
@@ -47,29 +50,6 @@ impl Meter {
             meter: self,
         })
     }
-}
-
-fn try_zeroed_vec<T: bytemuck::Zeroable>(n: usize) -> CoreResult<Vec<T>> {
-    let too_big = || {
-        CoreError::Value(format!(
-            "attention working memory of {n} x {} bytes could not be allocated; use smaller blocks \
-             (or a smaller budget for the planner)",
-            std::mem::size_of::<T>()
-        ))
-    };
-    let layout = std::alloc::Layout::array::<T>(n).map_err(|_| too_big())?;
-    if layout.size() == 0 {
-        return Ok(Vec::new());
-    }
-    // SAFETY: `layout` has a non-zero size (checked above), as `alloc_zeroed` requires.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<T>();
-    if ptr.is_null() {
-        return Err(too_big());
-    }
-    // SAFETY: `ptr` was allocated by the global allocator with the layout of `[T; n]` (size and alignment
-    // match what `Vec<T>` with capacity `n` deallocates), and all `n` elements are initialized: they are
-    // zero bytes, a valid `T` because `T: Zeroable`.
-    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
 }
 
 /// A vector whose bytes count on a `Meter` while it lives.

@@ -138,9 +138,9 @@ impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
                 }
                 Ok(Self::Given(rw))
             }
-            None => Ok(Self::Owned(crate::alloc::zeroed_vec(
-                shape.iter().product(),
-            ))),
+            None => crate::alloc::try_zeroed_vec(element_count(name, shape)?, name)
+                .map(Self::Owned)
+                .map_err(super::to_py_err),
         }
     }
 
@@ -162,6 +162,25 @@ impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
             Self::Owned(v) => into_array(py, shape, v),
         }
     }
+}
+
+/// A size argument taken from Python as a signed integer, so that a negative one is a ValueError naming
+/// it (pyo3's unsigned extraction raises OverflowError).
+pub fn non_negative(name: &str, value: i64) -> PyResult<usize> {
+    usize::try_from(value)
+        .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0; got {value}")))
+}
+
+/// The number of elements of `shape`, or a ValueError when it does not fit in memory's address space.
+fn element_count(name: &str, shape: &[usize]) -> PyResult<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "{name} of shape {shape:?} is too large to allocate"
+            ))
+        })
 }
 
 /// Runs `fill` (with the GIL released) on the output: `out` if given, else a new array of `shape`.

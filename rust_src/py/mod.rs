@@ -7,7 +7,7 @@ mod plan_offload;
 mod quant;
 
 use crate::error::CoreError;
-use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
 
@@ -90,5 +90,6 @@ pub fn to_py_err(e: CoreError) -> PyErr {
     match e {
         CoreError::Value(m) | CoreError::NonFinite(m) => PyValueError::new_err(m),
         CoreError::Type(m) => PyTypeError::new_err(m),
+        CoreError::OutOfMemory(m) => PyMemoryError::new_err(m),
     }
 }
