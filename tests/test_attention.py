@@ -8,6 +8,8 @@ import math
 import os
 import subprocess
 import sys
+import types
+from typing import Any
 
 import pytest
 import torch
@@ -125,6 +127,103 @@ def test_masks_broadcast_and_fully_masked_rows_give_zeros(mode: str, heads_layou
             assert bool((rows == 0).all()), "a query whose keys are all masked gives zeros"
 
 
+def _bool_with_bytes(keep: torch.Tensor, *true_bytes: int) -> torch.Tensor:
+    """`keep` as a bool tensor whose True elements hold the bytes `true_bytes` (cycled), not 1: what
+    `.view(torch.bool)` of uint8 data gives (numpy and torch read every nonzero byte as True)."""
+    codes = torch.tensor(true_bytes, dtype=torch.uint8).repeat(keep.numel() // len(true_bytes) + 1)
+    raw = torch.where(keep.flatten(), codes[:keep.numel()], 0).reshape(keep.shape)
+    return raw.view(torch.bool)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+def test_bool_masks_holding_bytes_other_than_1_read_nonzero_as_attend(heads_layout: bool, dtype: torch.dtype
+                                                                        ) -> None:
+    q, k, v, heads = qkv((2, 3, 45, 150, 32, 32), dtype, heads_layout, seed=11)
+    for i, keep in enumerate(masks(2, 3, 45, 150)[:3]):
+        odd = _bool_with_bytes(keep, 2, 255, 1, 0x80)
+        assert odd.view(torch.uint8).max() == 255 and torch.equal(odd, keep)
+        want = reference(q, k, v, heads, keep)
+        for mode in ("sdpa", "chunked", "sliced", "auto"):
+            plain = attention(q, k, v, heads, mask=keep, mode=mode)
+            got = attention(q, k, v, heads, mask=odd, mode=mode)
+            assert torch.equal(got, plain), (mode, i)
+            assert rel_err(got, want) < TOL[dtype], (mode, i)
+        # The torch chunked path (CUDA's "chunked") with small chunks, on both masks.
+        outs = []
+        for m in (keep, odd):
+            p = prepare(q, k, v, heads, m, None)
+            outs.append(torch.empty(2, 3, 45, 32, dtype=dtype))
+            attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, outs[-1], 16, 64)
+        assert torch.equal(outs[0], outs[1]), i
+
+
+@pytest.mark.parametrize("engine", _core.attention_engines())
+def test_every_rust_engine_reads_bool_mask_bytes_as_nonzero(engine: str) -> None:
+    dtype = torch.bfloat16 if engine == "avx512-bf16" else torch.float32
+    q, k, v, _ = qkv((2, 3, 45, 150, 32, 32), dtype, seed=12)
+    np_ = [t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy() for t in (q, k, v)]
+    for keep in masks(2, 3, 45, 150)[:3]:
+        keep4 = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)).contiguous()
+        for true_byte in (2, 3, 0x80, 0xFF):
+            odd = _bool_with_bytes(keep4, true_byte).numpy()
+            assert odd.dtype == bool and odd.view("uint8").max() == true_byte
+            plain, _ = _core.attention(*np_, None, keep4.numpy(), engine=engine, block_q=16, block_kv=64)
+            got, _ = _core.attention(*np_, None, odd, engine=engine, block_q=16, block_kv=64)
+            assert (got == plain).all(), true_byte
+
+
+def huge_negative_masks(nq: int, nk: int, mask_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Additive masks using `torch.finfo(mask_dtype).min` (the usual "masked out" value) instead of -inf."""
+    lo = torch.finfo(mask_dtype).min
+    m = torch.randn(1, 1, nq, nk, generator=gen(13)).to(mask_dtype)
+    m[..., 0, :] = lo                    # every key at the minimum: the float64 reference averages V
+    m[..., 1, ::2] = lo                  # half the keys
+    m[..., 2, :] = -math.inf
+    m[..., 2, 1::3] = lo                 # -inf and the minimum: the minimum keys share the weight
+    m[..., 3, :] = -math.inf             # all -inf: zeros
+    per_row = torch.zeros(1, 1, nq, 1, dtype=mask_dtype)
+    per_row[..., 0, :] = lo              # broadcast over the keys
+    per_row[..., 4, :] = -math.inf
+    return [m, per_row]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads_layout", [False, True])
+def test_finfo_min_masks_match_float64(heads_layout: bool, dtype: torch.dtype, mask_dtype: torch.dtype) -> None:
+    """`finfo.min` is finite: a row masked with it averages V in float64, so it must not turn into -inf
+    (zeros) in the Rust kernel's log2 scaling."""
+    q, k, v, heads = qkv((2, 3, 45, 150, 32, 32), dtype, heads_layout, seed=14)
+    for i, mask in enumerate(huge_negative_masks(45, 150, mask_dtype)):
+        want = reference(q, k, v, heads, mask)
+        rows = want[:, 0] if heads_layout else want[:, :, 0]
+        assert float(rows.abs().max()) > 0.01  # the fully "masked" row is V's average, not zeros
+        for mode in ("chunked", "sliced", "auto"):
+            out = attention(q, k, v, heads, mask=mask, mode=mode)
+            assert rel_err(out, want) < TOL[dtype], (mode, i)
+        p = prepare(q, k, v, heads, mask, None)
+        want4 = reference(p.q, p.k, p.v, None, p.mask)
+        for chunk_q, chunk_kv in ((16, 64), (45, 150)):
+            out = torch.empty(2, 3, 45, 32, dtype=dtype)
+            attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out, chunk_q, chunk_kv)
+            assert rel_err(out, want4) < TOL[dtype], ("torch chunked", i)
+
+
+@pytest.mark.parametrize("engine", _core.attention_engines())
+def test_every_rust_engine_keeps_finfo_min_finite(engine: str) -> None:
+    dtype = torch.bfloat16 if engine == "avx512-bf16" else torch.float32
+    q, k, v, _ = qkv((1, 2, 45, 150, 32, 32), dtype, seed=15)
+    np_ = [t.view(torch.uint16).numpy() if dtype == torch.bfloat16 else t.numpy() for t in (q, k, v)]
+    for mask_dtype in (torch.float32, torch.bfloat16):
+        for mask in huge_negative_masks(45, 150, mask_dtype):
+            m = mask.view(torch.uint16).numpy() if mask_dtype == torch.bfloat16 else mask.numpy()
+            res, _ = _core.attention(*np_, None, m, engine=engine, block_q=16, block_kv=64)
+            out = torch.from_numpy(res)
+            out = out.view(torch.bfloat16) if dtype == torch.bfloat16 else out
+            assert rel_err(out, reference(q, k, v, None, mask)) < TOL[dtype], mask_dtype
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype) -> None:
     shape = (2, 3, 61, 97, 24, 40)
@@ -140,6 +239,38 @@ def test_torch_chunked_path_matches_float64_with_small_chunks(dtype: torch.dtype
             out = torch.empty(2, 3, 61, 40, dtype=dtype)
             attention_torch.sliced(p.q, p.k, p.v, p.mask, p.scale, out, size)
             assert rel_err(out, want) < TOL[dtype]
+
+
+def test_expanded_masks_are_not_materialized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stride-0 (expanded) mask is collapsed to its distinct values: the Rust kernel gets the small
+    array (it broadcasts size-1 dims), not a (B, H, Nq, Nk) copy, and every mode gives the same result."""
+    b, h, nq, nk = 2, 3, 45, 150
+    q, k, v, _ = qkv((b, h, nq, nk, 32, 32), torch.float32, seed=16)
+    keys = masks(b, h, nq, nk)[2]  # (B, 1, 1, Nk) bool
+    bias = torch.randn(nq, 1, generator=gen(17)).expand(nq, nk)  # 2-D, expanded over the keys
+    cases = [
+        (keys, keys.expand(b, h, nq, nk), (b, 1, 1, nk)),
+        (torch.where(keys, 0.0, -math.inf), torch.where(keys, 0.0, -math.inf).expand(b, h, nq, nk), (b, 1, 1, nk)),
+        (bias[:, :1].contiguous(), bias, (1, 1, nq, 1)),
+        (keys[:1, :, :, :1], keys[:1, :, :, :1].expand(b, h, nq, nk), (1, 1, 1, 1)),
+    ]
+    seen: list[tuple[int, ...]] = []
+    real = _core.attention
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(args[4].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_core, "attention", spy)
+    for small, expanded, collapsed in cases:
+        assert prepare(q, k, v, None, expanded, None).mask.shape == collapsed
+        for mode in ("chunked", "sdpa", "sliced"):
+            seen.clear()
+            got = attention(q, k, v, mask=expanded, mode=mode)
+            assert torch.equal(got, attention(q, k, v, mask=small, mode=mode)), mode
+            assert rel_err(got, reference(q, k, v, None, small)) < 1e-5, mode
+            if mode == "chunked":
+                assert seen[0] == collapsed  # the array handed to _core, not (B, H, Nq, Nk)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -237,6 +368,91 @@ def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.Log
             assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < 1e-5
     warnings = [r for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "needs a CUDA device" in warnings[0].getMessage()
+
+
+def _fake_backends(monkeypatch: pytest.MonkeyPatch, kernel: Any) -> None:
+    """Installs stand-ins for sageattention, flash_attn and xformers.ops whose kernel is `kernel`."""
+    mods = {"sageattention": {"sageattn": kernel}, "flash_attn": {"flash_attn_func": kernel},
+            "xformers": {}, "xformers.ops": {"memory_efficient_attention": kernel}}
+    for name, attrs in mods.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(**attrs))
+
+
+def _cuda_like(d: int = 64, dv: int = 64) -> Any:
+    """A call that passes the device and dtype checks (CPU tensors standing in for CUDA ones)."""
+    g = gen(18)
+    q, k = (torch.randn(1, 2, 8, d, generator=g).half() for _ in range(2))
+    v = torch.randn(1, 2, 8, dv, generator=g).half()
+    return types.SimpleNamespace(q=q, k=k, v=v, mask=None, scale=d ** -0.5, device=torch.device("cuda"))
+
+
+REFUSALS = {
+    "flash": RuntimeError("FlashAttention forward only supports head dimension at most 256\nmore text"),
+    "xformers": NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:"),
+    "sage": ValueError("Unsupported head_dim: 72"),
+}
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_external_kernels_that_refuse_a_call_fall_back_with_one_warning(
+        mode: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    calls: list[int] = []
+
+    def refuse(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise REFUSALS[mode]
+
+    _fake_backends(monkeypatch, refuse)
+    p = _cuda_like()
+    out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        for _ in range(3):
+            assert vramkit.attention_external.run_external(p, mode, out4) is False
+        # Through `attention`, with the CUDA check waived for these CPU tensors: the "auto" choice runs.
+        monkeypatch.setattr(vramkit.attention_external, "_unusable", lambda p, mode: None)
+        q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float16)
+        assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < TOL[torch.float16]
+    assert len(calls) == 4 and bool((out4 == 0).all())
+    warnings = [r.getMessage() for r in caplog.records if f"mode {mode!r} unavailable" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert type(REFUSALS[mode]).__name__ in warnings[0] and "more text" not in warnings[0]
+    assert "using the 'auto' choice instead" in warnings[0]
+
+
+@pytest.mark.parametrize(("d", "dv"), [(64, 32), (320, 320), (288, 64)])
+def test_flash_is_not_called_with_head_dims_it_lacks(d: int, dv: int, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    calls: list[int] = []
+
+    def flash(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        raise AssertionError("must not be called")
+
+    _fake_backends(monkeypatch, flash)
+    out4 = torch.zeros(1, 2, 8, dv, dtype=torch.float16)
+    with caplog.at_level(logging.WARNING, logger="vramkit"):
+        assert vramkit.attention_external.run_external(_cuda_like(d, dv), "flash", out4) is False
+    assert calls == []
+    assert "at most 256" in caplog.text and f"q/k {d}, v {dv}" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
+def test_a_working_external_kernel_writes_the_output(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        scale = kwargs.get("sm_scale", kwargs.get("softmax_scale", kwargs.get("scale")))
+        if mode == "sage":
+            assert kwargs["tensor_layout"] == "HND"
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        bhnd = (t.transpose(1, 2) for t in (q, k, v))  # flash and xFormers take (B, N, H, D)
+        return torch.nn.functional.scaled_dot_product_attention(*bhnd, scale=scale).transpose(1, 2)
+
+    _fake_backends(monkeypatch, kernel)
+    p = _cuda_like()
+    out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
+    assert vramkit.attention_external.run_external(p, mode, out4) is True
+    assert rel_err(out4, reference(p.q, p.k, p.v)) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("level", ["portable", "avx2"])

@@ -54,11 +54,63 @@ def test_shapes_that_do_not_fit_together_say_what(q: tuple, k: tuple, v: tuple, 
         attention(t(*q), t(*k), t(*v), heads)
 
 
-@pytest.mark.parametrize("heads", [0, -2, 2.0, True, "4"])
+@pytest.mark.parametrize("heads", [0, -2, 2.0, True, "4", np.True_, np.float64(2.0), np.int64(-2)])
 def test_heads_must_be_a_positive_int(heads: object) -> None:
     x = t(1, 3, 8)
     with pytest.raises(ValueError, match="heads must be a positive int"):
         attention(x, x, x, heads)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("heads", [np.int64(2), np.int32(2), np.uint8(2), torch.tensor(2)])
+@pytest.mark.parametrize("scale", [None, np.float32(0.3), np.float64(0.3), np.float16(0.3), np.int64(1), 0.3])
+def test_numpy_scalars_are_accepted_for_heads_and_scale(heads: object, scale: object) -> None:
+    x = t(1, 3, 8)
+    want = attention(x, x, x, 2, scale=None if scale is None else float(scale))  # type: ignore[arg-type]
+    assert torch.equal(attention(x, x, x, heads, scale=scale), want)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scale", [True, np.True_, "0.5", torch.tensor(0.5), 1j])
+def test_scale_must_be_a_real_number(scale: object) -> None:
+    q = t(1, 2, 5, 8)
+    with pytest.raises(TypeError, match=r"scale must be a float or None \(any real number"):
+        attention(q, q, q, scale=scale)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"heads": -2}, "heads"), ({"heads": 0}, "heads"), ({"heads": 2**64}, "heads"),
+    ({"block_q": -1}, "block_q"), ({"block_q": 0}, "block_q"), ({"block_kv": -64}, "block_kv"),
+    ({"heads_per_group": -3}, "heads_per_group"), ({"heads_per_group": 2**70}, "heads_per_group"),
+])
+def test_the_binding_refuses_out_of_range_ints_with_value_errors(kwargs: dict, name: str) -> None:
+    q = np_(t(1, 2, 5, 8))
+    x = q.reshape(1, 5, 16) if "heads" in kwargs else q
+    with pytest.raises(ValueError, match=rf"{name} must be a positive int \(1 to 18446744073709551615\); got -?\d+"):
+        _core.attention(x, x, x, **kwargs)
+
+
+@pytest.mark.parametrize("pos", range(7))
+@pytest.mark.parametrize("value", [-1, 2**64])
+def test_the_planner_refuses_out_of_range_ints_with_value_errors(pos: int, value: int) -> None:
+    names = ["batch", "heads", "q_len", "kv_len", "head_dim", "dtype_bytes", "budget_bytes"]
+    args = [1, 8, 64, 64, 64, 2, 0]
+    args[pos] = value
+    with pytest.raises(ValueError, match=rf"{names[pos]} must be a non-negative int \(0 to \d+\); got {value}"):
+        _core.plan_attention(*args)
+    for kw in ("v_head_dim", "threads", "torch_threads"):
+        with pytest.raises(ValueError, match=f"{kw} must be a non-negative int"):
+            _core.plan_attention(1, 8, 64, 64, 64, 2, 0, **{kw: value})
+
+
+def test_the_bindings_refuse_bools_and_non_ints_as_sizes() -> None:
+    q = np_(t(1, 5, 16))
+    with pytest.raises(TypeError, match=r"heads must be a positive int .*got a bool"):
+        _core.attention(q, q, q, True)
+    with pytest.raises(TypeError, match=r"block_q must be a positive int .*got an object of type float"):
+        _core.attention(q, q, q, 2, block_q=16.0)
+    with pytest.raises(TypeError, match="batch must be a non-negative int"):
+        _core.plan_attention("1", 8, 64, 64, 64, 2, 0)
+    pl = _core.plan_attention(np.int64(1), np.int32(8), 64, 64, 64, np.uint8(2), np.int64(1 << 20))
+    assert pl == _core.plan_attention(1, 8, 64, 64, 64, 2, 1 << 20)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (2, 3, 5, 3), (1, 1, 1, 5, 6), (4, 6), (3, 1, 6)])
@@ -102,8 +154,12 @@ def test_the_binding_rejects_bad_arrays_with_python_errors() -> None:
         _core.attention(q, q.astype(np.float16), q)
     with pytest.raises(TypeError, match="float32, float16, or uint16"):
         _core.attention(q.astype(np.int32), q, q)
-    with pytest.raises(ValueError, match="C-contiguous"):
-        _core.attention(np.asfortranarray(q), q, q)
+    for name, args in (("q", (np.asfortranarray(q), q, q)), ("k", (q, q[:, :, ::-1], q)), ("v", (q, q, q[..., ::2]))):
+        with pytest.raises(ValueError, match=f"{name} must be C-contiguous"):
+            _core.attention(*args)
+    for mask in (np.asfortranarray(np.ones((1, 2, 5, 5), bool)), np.ones((1, 2, 5, 10), np.float32)[..., ::2]):
+        with pytest.raises(ValueError, match="mask must be C-contiguous"):
+            _core.attention(q, q, q, None, mask)
     with pytest.raises(ValueError, match="4 dimensions"):
         _core.attention(q[0], q, q)
     with pytest.raises(ValueError, match="3 dimensions"):

@@ -3,6 +3,7 @@ chaining. No ComfyUI needed."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import subprocess
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from vramkit.attention import make_comfy_override
+from vramkit.attention import ComfyOverride, is_vramkit_override, make_backend_override, make_comfy_override
+from vramkit.attention_override import foreign_previous
 
 B, H, NQ, NK, D = 2, 4, 37, 29, 16
 
@@ -166,8 +168,58 @@ def test_applying_the_override_twice_replaces_ours_and_keeps_the_foreign_one() -
 
     first = make_comfy_override("sliced", previous=previous)
     second = make_comfy_override("chunked", previous=first)
-    assert second.vramkit_previous is previous  # type: ignore[attr-defined]
-    assert second.vramkit_mode == "chunked"  # type: ignore[attr-defined]
+    assert second.vramkit_previous is previous
+    assert second.vramkit_mode == "chunked" and second.vramkit_budget_bytes == 0
+    # Either kind replaces the other: a VRAMKit mode after a ComfyUI backend and the reverse.
+    backend = make_backend_override(FakeBackend(), previous=second, name="sub_quad")
+    assert backend.vramkit_previous is previous and backend.vramkit_mode == "sub_quad"
+    assert make_comfy_override("auto", previous=backend).vramkit_previous is previous
+    assert make_comfy_override("auto", previous=make_backend_override(FakeBackend())).vramkit_previous is None
+    assert foreign_previous(backend) is previous and foreign_previous(previous) is previous
+    assert foreign_previous(None) is None
+
+
+def test_a_comfyui_backend_override_runs_that_backend_and_chains_the_same_way() -> None:
+    q, k, v = flat(bhnd(NQ)), flat(bhnd(NK)), flat(bhnd(NK))
+    chosen, comfy_default = FakeBackend(), FakeBackend()
+    fn = make_backend_override(chosen)
+    assert fn.vramkit_mode == "attention_fake" and fn.vramkit_budget_bytes is None
+    out = fn(comfy_default, q, k, v, H, mask=None, transformer_options={}, _inside_attn_wrapper=True)
+    assert out.item() == 42.0 and comfy_default.calls == [] and len(chosen.calls) == 1
+    args, kwargs = chosen.calls[0]
+    assert args[0] is q and args[3] == H
+    assert kwargs == {"mask": None, "attn_precision": None, "skip_reshape": False, "skip_output_reshape": False,
+                      "transformer_options": {}, "_inside_attn_wrapper": True}
+    seen: list[Any] = []
+
+    def previous(func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append(func)
+        return func(*args, **kwargs) + 1
+
+    assert make_backend_override(chosen, previous, "split")(comfy_default, q, k, v, H).item() == 43.0
+    assert seen == [chosen] and comfy_default.calls == []
+
+
+def test_overrides_are_recognized_immutable_and_described() -> None:
+    def foreign(func: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return func(*args, **kwargs)
+
+    fn = make_comfy_override("sliced", 1 << 20, previous=foreign)
+    assert isinstance(fn, ComfyOverride) and is_vramkit_override(fn)
+    assert not is_vramkit_override(foreign) and not is_vramkit_override(None)
+    assert copy.deepcopy(fn) is fn and copy.deepcopy({"o": fn})["o"] is fn
+    assert repr(fn) == ("ComfyOverride(mode='sliced', budget_bytes=1048576, chained to "
+                        "test_overrides_are_recognized_immutable_and_described.<locals>.foreign)")
+    assert repr(make_backend_override(FakeBackend(), name="sdpa")) == "ComfyOverride(mode='sdpa')"
+    # One made by another copy of the module (a custom-node reload) is recognized by its attributes.
+    class Twin:
+        def __init__(self) -> None:
+            self.vramkit_mode, self.vramkit_previous = "auto", foreign
+
+        def __call__(self, *args: Any) -> None:
+            return None
+
+    assert is_vramkit_override(Twin()) and foreign_previous(Twin()) is foreign
 
 
 def test_bad_override_arguments() -> None:
@@ -177,6 +229,10 @@ def test_bad_override_arguments() -> None:
         make_comfy_override("chunked", budget_bytes=-5)
     with pytest.raises(TypeError, match="previous must be"):
         make_comfy_override("chunked", previous=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="previous must be"):
+        make_backend_override(FakeBackend(), previous="x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="backend must be a ComfyUI attention function"):
+        make_backend_override(None)  # type: ignore[arg-type]
 
 
 def test_a_budget_reaches_the_planner() -> None:

@@ -278,3 +278,14 @@ def test_dtype_names_refused_clearly(value, error, message):
 
     with pytest.raises(error, match=message):
         dtypes.parse(value, "compute_dtype")
+
+
+@pytest.mark.parametrize("rule", ["next_layers", "multiply"])
+@pytest.mark.parametrize("streams", [0, 2])
+def test_offload_planner_sizes_that_would_wrap_never_fit(rule: str, streams: int):
+    """2^63 + 2^63 wraps to 0 in 64-bit arithmetic: such layers must stream, not be marked resident."""
+    from vramkit import _core
+
+    plan = _core.plan_offload([2**63] * 2, [2**63] * 2, [True] * 2, 10**6, 2**64 - 1, streams, rule)
+    assert plan["resident"] == [False, False] and plan["resident_bytes"] == 0
+    assert plan["streamed_layers"] == 2 and plan["streamed_bytes"] == 2**64 - 1

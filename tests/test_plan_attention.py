@@ -7,7 +7,9 @@ are measured with torch's profiler, which records every allocation of torch's CP
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -119,6 +121,91 @@ def test_auto_follows_the_budget() -> None:
     assert out.shape == q.shape
 
 
+@pytest.mark.parametrize("budget", [None, 0])
+def test_none_and_0_mean_the_free_memory_everywhere(budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """budget_bytes None or 0 = the memory free on the device, for plan, choose_mode, "chunked" on CPU (the
+    Rust kernel's blocks are planned under it) and the ComfyUI override's 0."""
+    import vramkit.attention_plan
+    from vramkit.attention import choose_mode, last_kernel_stats, make_comfy_override
+
+    q, k, v, heads, mask = make(CASES[0])
+    p = prepare(q, k, v, heads, mask, None)
+    free = 300 << 10
+    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: free)
+    pl = plan(p, budget)
+    assert pl["budget_bytes"] == free and pl == plan(p, free)
+    unlimited = _core.plan_attention(1, 8, 1024, 1024, 64, 4, 0)
+    assert (pl["block_q"], pl["heads_per_group"]) != (unlimited["block_q"], unlimited["heads_per_group"])
+
+    def blocks(stats: dict | None) -> tuple[int, int, int]:
+        assert stats is not None
+        return stats["block_q"], stats["block_kv"], stats["heads_per_group"]
+
+    want = (pl["block_q"], pl["block_kv"], pl["heads_per_group"])
+    attention(q, k, v, heads, mask, mode="chunked", budget_bytes=budget)
+    assert blocks(last_kernel_stats()) == want
+    attention(q, k, v, heads, mask, mode="auto", budget_bytes=budget)
+    assert blocks(last_kernel_stats()) == want
+    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: 1000)
+    assert choose_mode(p, budget) == choose_mode(p, 1000)  # nothing fits 1000 bytes: the smallest plan
+    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: 64 << 30)
+    assert choose_mode(p, budget) == "chunked"
+
+    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: free)
+    flat = [t.transpose(1, 2).reshape(1, 1024, 8 * 64) for t in (q, k, v)]
+    make_comfy_override("chunked", budget_bytes=0)(lambda *a, **kw: None, *flat, 8)
+    assert blocks(last_kernel_stats()) == want
+
+
+def test_no_mode_fits_is_logged_once_per_shape_and_budget(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import vramkit.attention_external
+
+    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    q, k, v, heads, mask = make(CASES[0])
+    small = q[:, :, :100]
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "no mode fits" in r.getMessage()]
+
+    with caplog.at_level(logging.DEBUG, logger="vramkit"):
+        for _ in range(5):
+            attention(q, k, v, heads, mask, mode="auto", budget_bytes=1000)
+        assert len(lines()) == 1 and "budget of 0.0 MiB" in lines()[0]
+        debug = [r for r in caplog.records if r.levelname == "DEBUG" and "no mode fits" in r.getMessage()]
+        assert len(debug) == 4  # the repeats still reach the debug log
+        attention(q, k, v, heads, mask, mode="auto", budget_bytes=2000)  # another budget
+        attention(small, k, v, heads, mask, mode="auto", budget_bytes=1000)  # another shape
+        attention(small, k, v, heads, mask, mode="auto", budget_bytes=1000)
+    assert len(lines()) == 3
+
+
+def test_cuda_free_memory_counts_what_torch_has_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free for a new tensor on CUDA = the driver's free memory + reserved-but-unallocated cache (as
+    ComfyUI's get_free_memory), not mem_get_info alone. Tested with the torch.cuda calls replaced."""
+    from vramkit.attention import available_bytes
+
+    dev = torch.device("cuda", 1)
+    seen: list[object] = []
+
+    def fake(value: object) -> Callable[..., object]:
+        def f(device: object = None) -> object:
+            seen.append(device)
+            return value
+        return f
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", fake((3 << 30, 24 << 30)))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", fake(10 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", fake(4 << 30))
+    assert available_bytes(dev) == (3 << 30) + (6 << 30)
+    assert seen == [dev, dev, dev]
+    monkeypatch.setattr(torch.cuda, "memory_allocated", fake(11 << 30))  # never below the driver's number
+    assert available_bytes(dev) == 3 << 30
+    assert available_bytes(torch.device("cpu")) > 0
+    assert available_bytes(torch.device("meta")) == 0
+
+
 @pytest.mark.parametrize("bad", [
     dict(dtype_bytes=0), dict(dtype_bytes=16), dict(batch=2**62, heads=2**62),
 ])
@@ -127,6 +214,28 @@ def test_bad_planner_arguments_are_value_errors(bad: dict) -> None:
     args.update(bad)
     with pytest.raises(ValueError):
         _core.plan_attention(**args)
+
+
+@pytest.mark.parametrize("sizes", [
+    (1, 1, 2**32, 2**32, 1),       # q_len * kv_len = 2^64
+    (1, 1, 1, 1, 2**62),           # head_dim bytes
+    (2**31, 2**31, 1, 2**40, 1),   # batch * heads * kv_len
+    (1, 1, 2**40, 2**40, 2**20),
+])
+def test_absurd_sizes_never_fit(sizes: tuple[int, ...]) -> None:
+    """Byte counts saturate instead of wrapping around to a small number that fits (release builds)."""
+    b, h, nq, nk, d = sizes
+    try:
+        pl = _core.plan_attention(b, h, nq, nk, d, 2, 300 << 30, threads=2**40)
+    except ValueError as e:  # sizes whose tensors could not exist at all
+        assert "overflow" in str(e)
+        return
+    assert not pl["sliced_fits"], pl["summary"]
+    for mode in ("kernel", "torch", "sliced"):
+        assert pl[f"{mode}_fits"] == (pl[f"{mode}_peak_bytes"] <= 300 << 30), (mode, pl["summary"])
+    assert pl["sliced_peak_bytes"] == 2**64 - 1
+    huge = _core.plan_attention(1, 1, 2**32, 2**32, 1, 2, 300 << 30)
+    assert not huge["sliced_fits"] and huge["sliced_peak_bytes"] == 2**64 - 1
 
 
 def test_unknown_engine_is_a_value_error() -> None:

@@ -11,6 +11,9 @@ Conventions shared by every function:
 - Errors: ValueError for bad shapes, sizes (negative ones included), names and NaN/Inf where a scale is
   needed; TypeError for arrays of a dtype that is not accepted; MemoryError when an output or working buffer
   cannot be allocated. Input is validated before any kernel runs, so bad input never reaches a Rust panic.
+- Int arguments of the attention functions (sizes, block sizes, budgets) accept Python and numpy integers
+  (not bool: TypeError); one out of its range (negative, 0 where a positive size is needed, or above
+  2**64 - 1) is a ValueError naming the argument and the accepted range, not an OverflowError.
 """
 
 from collections.abc import Sequence
@@ -69,7 +72,8 @@ def error_stats(x: FloatArray, codes: CodeArray, fmt: Format, scales: npt.NDArra
 
 AttentionEngine = Literal["portable", "avx512", "avx512-bf16"]
 MaskArray = npt.NDArray[np.bool_] | FloatArray
-"""bool (True = attend) or additive float32 / float16 / uint16 holding bfloat16 bits."""
+"""bool (True = attend; read as bytes, so any nonzero byte counts as True, as in numpy and torch) or additive
+float32 / float16 / uint16 holding bfloat16 bits."""
 
 class AttentionStats(TypedDict):
     engine: AttentionEngine
@@ -83,6 +87,8 @@ class AttentionStats(TypedDict):
     """What the planner's model gives for this call; never below `peak_scratch_bytes`."""
 
 class AttentionPlan(TypedDict):
+    budget_bytes: int
+    """The budget planned for, as given (0 = no limit)."""
     block_q: int
     block_kv: int
     heads_per_group: int
@@ -117,8 +123,10 @@ def attention(q: FloatArray, k: FloatArray, v: FloatArray, heads: int | None = N
     else (B, N, heads * D) (v may have another head dim than q and k). The output has q's layout and
     dtype. `mask` is 4-D (B|1, H|1, Nq|1, Nk|1). `scale` defaults to 1/sqrt(D). All arithmetic is float32
     (on "avx512-bf16", bf16 products are exact and summed in float32; probabilities are rounded to bf16 for
-    P V). A query whose keys are all masked out, or any query when Nk == 0, gets zeros; NaN inputs reach
-    the outputs they touch. Unset block sizes come from the planner. Returns (output, stats)."""
+    P V). A query whose keys are all masked out (bool False or additive -inf), or any query when Nk == 0,
+    gets zeros; finite additive values, however large (e.g. float32's min), stay finite logits. NaN inputs
+    reach the outputs they touch. Unset block sizes are the planner's with no memory limit
+    (`vramkit.attention` passes the blocks it planned under its budget). Returns (output, stats)."""
 
 def attention_engines() -> list[AttentionEngine]:
     """The engines this CPU runs ("portable" always; "avx512" needs AVX-512F; "avx512-bf16" AVX-512 BF16)."""
@@ -126,8 +134,10 @@ def attention_engines() -> list[AttentionEngine]:
 def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
                    budget_bytes: int, *, v_head_dim: int | None = None, threads: int | None = None,
                    torch_threads: int | None = None, engine: AttentionEngine | None = None) -> AttentionPlan:
-    """Block and chunk sizes for every attention mode under `budget_bytes` of extra memory (0 = no limit),
-    with each mode's predicted peak extra bytes (upper bounds of the measured ones) and whether it fits.
+    """Block and chunk sizes for every attention mode under `budget_bytes` of extra memory, with each mode's
+    predicted peak extra bytes (upper bounds of the measured ones) and whether it fits. This low-level
+    planner knows no device: 0 here means no limit. (`vramkit.attention` never asks it for "no limit" on
+    CPU or CUDA: its `budget_bytes=None` or 0 is the memory free on the device, passed here in bytes.)
     `threads` defaults to the rayon pool's size; `torch_threads` (torch's CPU threads, 0 for GPUs) sizes
     the workspace of torch's half-precision CPU GEMMs; `engine` None plans for the most demanding engine."""
 

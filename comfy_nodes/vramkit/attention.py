@@ -6,20 +6,34 @@ Modes (the attention modes of the VRAM guide; they are alternatives, pick one):
   them).
 - ``"chunked"``: memory-efficient attention. On CPU tensors, the Rust kernel (`vramkit._core.attention`:
   query and key blocks with an online softmax, faster than torch's SDPA on AVX-512 CPUs); on other devices
-  the same math with torch ops over chunks of queries and keys (`attention_torch.chunked`). Block and chunk
-  sizes come from the planner (`vramkit._core.plan_attention`) under `budget_bytes`.
+  the same math with torch ops over chunks of queries and keys (`attention_torch.chunked`). Block sizes
+  (CPU) and chunk sizes (other devices) come from the planner (`vramkit._core.plan_attention`) under the
+  budget: the largest, fastest ones whose predicted extra memory fits it (the smallest if none does).
 - ``"sliced"``: attention slicing, the last resort: a few (batch, head) pairs at a time, each with its
   whole score matrix.
 - ``"sage"``, ``"flash"``, ``"xformers"``: the external kernels when installed and usable for the call
-  (CUDA, half precision, no mask); otherwise a warning is logged once and ``"auto"``'s choice runs.
-- ``"auto"``: the fastest mode whose predicted extra memory fits `budget_bytes` on the tensors' device
-  (CPU: chunked, sdpa, sliced; CUDA and others: sdpa, chunked, sliced).
+  (CUDA, half precision, no mask; flash: v's head dim equal to q's, at most 256); otherwise, and when the
+  kernel refuses the call (RuntimeError, NotImplementedError, ValueError or AssertionError, e.g. a head
+  dim it lacks), a warning is logged once per reason and ``"auto"``'s choice runs.
+- ``"auto"``: the fastest mode whose predicted extra memory fits the budget on the tensors' device
+  (CPU: chunked, sdpa, sliced; CUDA and others: sdpa, chunked, sliced); if none fits, the one predicted
+  to need the least (with one warning per call shape and budget).
+
+The budget (`budget_bytes`) bounds the extra memory a call allocates beyond its inputs and output, as
+predicted by the planner; "auto", "chunked" and "sliced" follow it ("sdpa" and the external kernels size
+their own memory). None or 0 means the memory free on the tensors' device when the call is made (CUDA: the
+driver's free memory plus torch's cached, unallocated memory; CPU: MemAvailable; other devices: unknown,
+so no limit). The ComfyUI override (`make_comfy_override`) means the same by 0.
 
 Semantics (all modes): ``softmax(scale * q k^T + mask) v`` per batch and head, with q, k, v
 (B, H, N, D) when `heads` is None and (B, N, H * D) when it is given; the output has q's layout and dtype
 and v's head dim. `mask` is bool (True = attend) or an additive float, broadcastable to (B, H, Nq, Nk)
 as in torch. `scale` defaults to 1/sqrt(D). A query row whose keys are all masked out gives zeros, and so
 does every row when there are no keys; NaN in the inputs reaches the outputs it touches, as in torch.
+Only -inf masks a key out: a huge finite additive value such as ``torch.finfo(torch.float32).min`` is a
+finite logit, so a row masked with it everywhere gives the average of V, as the float64 math does ("sdpa"
+on half-precision inputs converts a float32 mask to their dtype, where such values become -inf and the row
+gives zeros).
 Scores and the softmax are float32 in every mode but "sdpa", whose precision is torch's;
 `attn_precision=torch.float32` runs "sdpa" on float32 copies of half-precision inputs.
 """
@@ -37,13 +51,14 @@ import torch
 from . import _core, attention_torch
 from .attention_external import run_external, warn_once
 from .attention_measure import peak_bytes
-from .attention_plan import available_bytes, choose_mode, plan
+from .attention_plan import available_bytes, budget_for, choose_mode, plan
 from .attention_problem import DTYPES, Problem, needs_grad, prepare
 
 MODES: tuple[str, ...] = ("auto", "sdpa", "chunked", "sliced", "sage", "flash", "xformers")
 EXTERNAL_MODES: tuple[str, ...] = ("sage", "flash", "xformers")
 
-__all__ = ["DTYPES", "MODES", "Problem", "attention", "available_bytes", "choose_mode", "last_kernel_stats",
+__all__ = ["DTYPES", "MODES", "ComfyOverride", "Problem", "attention", "available_bytes", "budget_for",
+           "choose_mode", "is_vramkit_override", "last_kernel_stats", "make_backend_override",
            "make_comfy_override", "measure_mode", "plan", "prepare"]
 
 
@@ -52,15 +67,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | No
               budget_bytes: int | None = None, attn_precision: torch.dtype | None = None) -> torch.Tensor:
     """``softmax(scale * q k^T + mask) v`` in `mode` (see the module docs).
 
-    `budget_bytes` bounds the extra memory (beyond inputs and output) that "auto" and "chunked" plan for;
-    None means the memory currently free on the device.
+    `heads`: None for (B, H, N, D) tensors, else the number of heads of (B, N, heads * D) tensors (a Python
+    or numpy integer). `scale`: a real number (Python or numpy), default 1/sqrt(D).
+    `budget_bytes`: the extra memory (beyond inputs and output) that "auto", "chunked" and "sliced" plan
+    for; None or 0 means the memory free on the tensors' device now. On CPU, "chunked" runs the Rust
+    kernel with the block sizes the planner picks under that budget.
     """
     p = prepare(q, k, v, heads, mask, scale, attn_precision)
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if budget_bytes is not None and (isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int)
                                      or budget_bytes < 0):
-        raise ValueError(f"budget_bytes must be a non-negative int or None; got {budget_bytes!r}")
+        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory) or None (the same); "
+                         f"got {budget_bytes!r}")
     return _run(p, mode, budget_bytes)
 
 
@@ -73,22 +92,26 @@ def _run(p: Problem, mode: str, budget_bytes: int | None) -> torch.Tensor:
             return out
         del out, out4
         mode = "auto"
+    pl = None
     if mode == "auto":
-        mode = choose_mode(p, budget_bytes)
+        pl = plan(p, budget_bytes)
+        mode = choose_mode(p, budget_bytes, pl)
     if mode != "sdpa" and needs_grad(p):
         # The Rust kernel has no backward and the torch paths work in place: SDPA is differentiable.
         warn_once(mode, "gradients are needed and only 'sdpa' has a backward pass", "'sdpa'")
         mode = "sdpa"
-    if mode == "chunked" and p.device.type == "cpu":
-        return _rust(p, budget_bytes)
-    out, out4 = p.new_output()
     if mode == "sdpa":
+        out, out4 = p.new_output()
         attention_torch.sdpa(p.q, p.k, p.v, p.mask, p.scale, p.upcast, out4)
-    elif mode == "chunked":
+        return out
+    if pl is None:
         pl = plan(p, budget_bytes)
+    if mode == "chunked" and p.device.type == "cpu":
+        return _rust(p, pl)
+    out, out4 = p.new_output()
+    if mode == "chunked":
         attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out4, pl["chunk_q"], pl["chunk_kv"])
     else:
-        pl = plan(p, budget_bytes)
         attention_torch.sliced(p.q, p.k, p.v, p.mask, p.scale, out4, pl["slice"])
     return out
 
@@ -108,7 +131,8 @@ def _as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-def _rust(p: Problem, budget_bytes: int | None) -> torch.Tensor:
+def _rust(p: Problem, pl: dict[str, Any]) -> torch.Tensor:
+    """The Rust kernel with the blocks of plan `pl`."""
     if p.heads_layout:
         q, k, v = (t.transpose(1, 2).flatten(2) for t in (p.q, p.k, p.v))
         heads: int | None = p.heads
@@ -116,13 +140,13 @@ def _rust(p: Problem, budget_bytes: int | None) -> torch.Tensor:
         q, k, v, heads = p.q, p.k, p.v, None
     mask = None
     if p.mask is not None:
+        # `prepare` collapsed expanded (stride-0) dims to size 1, which the kernel broadcasts: the copies
+        # below hold the mask's distinct values only, never a full (B, H, Nq, Nk) tensor.
         m = p.mask if p.mask.dtype in (torch.bool, *DTYPES) else p.mask.float()
         mask = _as_numpy(m)
-    blocks: dict[str, int] = {}
-    if budget_bytes is not None:
-        pl = plan(p, budget_bytes)
-        blocks = {"block_q": pl["block_q"], "block_kv": pl["block_kv"], "heads_per_group": pl["heads_per_group"]}
-    out, stats = _core.attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), heads, mask, p.scale, **blocks)
+    out, stats = _core.attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), heads, mask, p.scale,
+                                 block_q=pl["block_q"], block_kv=pl["block_kv"],
+                                 heads_per_group=pl["heads_per_group"])
     _local.stats = stats
     res = torch.from_numpy(out)
     return res.view(torch.bfloat16) if p.q.dtype == torch.bfloat16 else res
@@ -135,7 +159,8 @@ def measure_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *
                  budget_bytes: int | None = None) -> tuple[float, int]:
     """Times `attention(q, k, v, heads, mask, scale, mode)` and measures its memory.
 
-    Returns (median seconds over `repeats` runs after one untimed run, peak extra bytes): the most bytes
+    `budget_bytes` as in `attention` (None or 0: the free memory). Returns (median seconds over `repeats`
+    runs after one untimed run, peak extra bytes): the most bytes
     the call had allocated at once beyond its inputs and its output (torch's allocator on CUDA, torch's
     profiler on CPU, plus the Rust kernel's own count of its scratch for "chunked" on CPU).
     """
@@ -161,4 +186,9 @@ def measure_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *
     return statistics.median(times), extra
 
 
-from .attention_override import make_comfy_override  # noqa: E402  (it calls back into this module)
+from .attention_override import (  # noqa: E402  (it calls back into this module)
+    ComfyOverride,
+    is_vramkit_override,
+    make_backend_override,
+    make_comfy_override,
+)

@@ -3,7 +3,9 @@
 ComfyUI (without being imported here) looks up ``transformer_options["optimized_attention_override"]`` and
 calls it as ``fn(func, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
 skip_output_reshape=False, **kwargs)``, where `func` is the backend it chose. `make_comfy_override` builds
-such a function running `vramkit.attention.attention` in a given mode.
+such a function running `vramkit.attention.attention` in a given mode; `make_backend_override` one running
+a given ComfyUI backend instead of `func` (to pick ComfyUI's sdpa / sub_quad / split / sage / ... per model).
+Both return a `ComfyOverride`.
 
 - Layouts: q, k, v are (B, N, heads * dim_head), or (B, heads, N, dim_head) with ``skip_reshape=True``;
   the result is (B, N, heads * dim_head), or (B, heads, N, dim_head) with ``skip_output_reshape=True``.
@@ -14,10 +16,20 @@ such a function running `vramkit.attention.attention` in a given mode.
 - What we do not support goes to `func` unchanged, with one log line per reason: grouped-query attention
   (k/v with fewer heads than q), dtypes other than float32/float16/bfloat16, inputs that are not plain
   tensors, and masks of other shapes.
-- Chaining: if the model already had an override (`previous`), ours never replaces it. Each call goes
-  through `previous`, handing it our attention as the backend (`func`) to call; `previous` stays in
-  charge of what it does. An earlier override made by this function is not stacked but replaced (its own
-  `previous` is kept), so applying the node twice changes the mode instead of nesting two.
+- Chaining (the whole contract; callers need no chaining logic of their own): pass the model's current
+  override, whatever it is, as `previous`.
+  - A foreign override (another pack's) is never replaced: each call goes through it, handing it ours as
+    the backend (`func`) to call; it stays in charge of what it does.
+  - An earlier VRAMKit override (`is_vramkit_override`) is not stacked but replaced: the new one chains to
+    the foreign override the earlier one chained to (`foreign_previous`), so applying a mode twice changes
+    the mode instead of nesting two.
+  - The result exposes ``vramkit_mode`` (the mode, or the backend's name), ``vramkit_budget_bytes`` (None
+    for a ComfyUI backend) and ``vramkit_previous`` (the foreign override it chains to, or None). The
+    ``vramkit_`` prefix keeps these apart from other packs' attributes on the shared ComfyUI key, and
+    `is_vramkit_override` recognizes an override by them (so one made by another copy of this module, e.g.
+    after a custom-node reload, is recognized too).
+  - It is immutable and `copy.deepcopy` returns it as is (ComfyUI 0.3.7x deep-copies ``model_options`` on
+    every clone).
 """
 
 from __future__ import annotations
@@ -43,41 +55,92 @@ def _log_once(reason: str, func: Backend) -> None:
         log.info("vramkit attention: delegating to %s for %s (not supported here)", name, reason)
 
 
-def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: Override | None = None) -> Override:
+class ComfyOverride:
+    """A ComfyUI ``optimized_attention_override`` made by `make_comfy_override` or `make_backend_override`
+    (see the module docs for the call and the chaining contract)."""
+
+    def __init__(self, mode: str, budget_bytes: int | None, previous: Override | None,
+                 make_backend: Callable[[Backend], Backend]) -> None:
+        self.vramkit_mode = mode
+        self.vramkit_budget_bytes = budget_bytes
+        self.vramkit_previous = foreign_previous(previous)
+        self._make_backend = make_backend
+
+    def __call__(self, func: Backend, q: Any, k: Any, v: Any, heads: int, mask: Any = None,
+                 attn_precision: Any = None, skip_reshape: bool = False, skip_output_reshape: bool = False,
+                 **kwargs: Any) -> torch.Tensor:
+        backend = self._make_backend(func)
+        # kwargs carry ComfyUI's `_inside_attn_wrapper` (and anything newer) to whichever backend runs.
+        if self.vramkit_previous is not None:
+            return self.vramkit_previous(backend, q, k, v, heads, mask=mask, attn_precision=attn_precision,
+                                         skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape,
+                                         **kwargs)
+        return backend(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                       skip_output_reshape=skip_output_reshape, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ComfyOverride:
+        return self  # immutable
+
+    def __repr__(self) -> str:
+        budget = "" if self.vramkit_budget_bytes is None else f", budget_bytes={self.vramkit_budget_bytes}"
+        chained = "" if self.vramkit_previous is None else f", chained to {_name(self.vramkit_previous)}"
+        return f"ComfyOverride(mode={self.vramkit_mode!r}{budget}{chained})"
+
+
+def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: Override | None = None
+                        ) -> ComfyOverride:
     """A ComfyUI ``optimized_attention_override`` running `vramkit.attention.attention` in `mode`.
 
-    `budget_bytes` bounds the extra memory the planner gives "chunked" and "auto" (0: the device's free
-    memory). `previous` is the override the model had before, if any: it keeps being called (see the
-    module docs).
+    `budget_bytes` bounds the extra memory the planner gives "auto", "chunked" and "sliced"; 0 means the
+    memory free on the device at each call, as in `vramkit.attention.attention` (the ComfyUI node's
+    "0 = auto"). `previous` is the model's current override, if any (foreign ones keep being called, an
+    earlier VRAMKit one is replaced: see the module docs). Calls this attention does not support go to
+    ComfyUI's `func`.
     """
     from .attention import MODES
 
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be a non-negative int (0 = no fixed budget); got {budget_bytes!r}")
-    if previous is not None and not callable(previous):
-        raise TypeError(f"previous must be the model's earlier override (a callable) or None; got {previous!r}")
-    inner = getattr(previous, "vramkit_previous", previous) if is_vramkit_override(previous) else previous
+        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory at each call); got "
+                         f"{budget_bytes!r}")
+    _check_previous(previous)
+    return ComfyOverride(mode, budget_bytes, previous, lambda func: _backend(func, mode, budget_bytes))
 
-    def override(func: Backend, q: Any, k: Any, v: Any, heads: int, mask: Any = None,
-                 attn_precision: Any = None, skip_reshape: bool = False, skip_output_reshape: bool = False,
-                 **kwargs: Any) -> torch.Tensor:
-        backend = _backend(func, mode, budget_bytes or None)
-        if inner is not None:
-            return inner(backend, q, k, v, heads, mask=mask, attn_precision=attn_precision,
-                         skip_reshape=skip_reshape, skip_output_reshape=skip_output_reshape, **kwargs)
-        return backend(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
-                       skip_output_reshape=skip_output_reshape, **kwargs)
 
-    override.vramkit_mode = mode  # type: ignore[attr-defined]
-    override.vramkit_previous = inner  # type: ignore[attr-defined]
-    return override
+def make_backend_override(backend: Backend, previous: Override | None = None, name: str | None = None
+                          ) -> ComfyOverride:
+    """A ComfyUI ``optimized_attention_override`` running `backend` (a ComfyUI attention backend, called
+    like ComfyUI's `func`: ``backend(q, k, v, heads, mask=..., attn_precision=..., skip_reshape=...,
+    skip_output_reshape=..., **kwargs)``) instead of the backend ComfyUI chose, chained to `previous`
+    exactly as `make_comfy_override` is. `name` (default: the backend's ``__name__``) is its
+    ``vramkit_mode``."""
+    if not callable(backend):
+        raise TypeError(f"backend must be a ComfyUI attention function (a callable); got {backend!r}")
+    _check_previous(previous)
+    label = name if name is not None else _name(backend)
+    return ComfyOverride(label, None, previous, lambda func: backend)
 
 
 def is_vramkit_override(fn: object) -> bool:
-    """Whether `fn` was made by `make_comfy_override`."""
-    return callable(fn) and hasattr(fn, "vramkit_mode")
+    """Whether `fn` was made by `make_comfy_override` or `make_backend_override` (of any copy of this
+    module: recognized by its ``vramkit_mode`` and ``vramkit_previous`` attributes)."""
+    return callable(fn) and hasattr(fn, "vramkit_mode") and hasattr(fn, "vramkit_previous")
+
+
+def foreign_previous(previous: Override | None) -> Override | None:
+    """The override a new VRAMKit override chains to: `previous` itself, or, when `previous` is a VRAMKit
+    override, the foreign override that one chains to (VRAMKit overrides replace each other)."""
+    return getattr(previous, "vramkit_previous", None) if is_vramkit_override(previous) else previous
+
+
+def _check_previous(previous: object) -> None:
+    if previous is not None and not callable(previous):
+        raise TypeError(f"previous must be the model's earlier override (a callable) or None; got {previous!r}")
+
+
+def _name(fn: object) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
 
 
 def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:

@@ -1,5 +1,9 @@
 """Which attention mode and which chunk sizes: the Rust planner's answer for a call, the device's free
-memory, and `choose_mode`, the fastest mode whose predicted extra memory fits a budget."""
+memory, and `choose_mode`, the fastest mode whose predicted extra memory fits a budget.
+
+Budgets (`budget_bytes`) are the extra bytes a call may allocate beyond its inputs and output. None or 0
+means the memory free on the tensors' device when the call is made (`available_bytes`); only where that is
+unknown (devices other than CPU and CUDA) is there no limit."""
 
 from __future__ import annotations
 
@@ -10,15 +14,22 @@ from typing import Any
 import torch
 
 from . import _core
+from .attention_external import log_once
 from .attention_problem import Problem
 
 log = logging.getLogger("vramkit.attention")
 
 
+def budget_for(device: torch.device, budget_bytes: int | None) -> int:
+    """The budget in bytes: `budget_bytes`, or for None or 0 the memory free on `device` now (0 where that
+    is unknown, which the planner takes as no limit)."""
+    return budget_bytes if budget_bytes else available_bytes(device)
+
+
 def plan(p: Problem, budget_bytes: int | None = None) -> dict[str, Any]:
-    """The planner's answer for this call (`vramkit._core.plan_attention`) under `budget_bytes` (None:
-    the device's free memory)."""
-    budget = available_bytes(p.device) if budget_bytes is None else budget_bytes
+    """The planner's answer for this call (`vramkit._core.plan_attention`) under `budget_bytes` (None or
+    0: the memory free on the device now; the budget used is the answer's ``"budget_bytes"``)."""
+    budget = budget_for(p.device, budget_bytes)
     cpu = p.device.type == "cpu"
     return _core.plan_attention(p.batch, p.heads, p.q_len, p.kv_len, p.head_dim, p.q.element_size(), budget,
                                 v_head_dim=p.v_head_dim, engine=_rust_engine(p.q.dtype) if cpu else None,
@@ -33,9 +44,14 @@ def _rust_engine(dtype: torch.dtype) -> str:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free on `device` now (CUDA: the driver's free memory; CPU: MemAvailable; else 0 = no limit)."""
+    """Memory free on `device` now, for new tensors: on CUDA the driver's free memory plus what torch's
+    caching allocator has reserved but not handed out (free for torch, though not for the driver; inside
+    ComfyUI often GBs), as ComfyUI's ``get_free_memory`` counts it; on CPU MemAvailable; elsewhere 0
+    (unknown, which the planner takes as no limit)."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        driver_free = int(torch.cuda.mem_get_info(device)[0])
+        cached = int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+        return driver_free + max(0, cached)
     if device.type == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -67,10 +83,12 @@ def _sdpa_bytes(p: Problem) -> int:
     return base + p.batch * p.heads * p.q_len * p.v_head_dim * (4 + e)
 
 
-def choose_mode(p: Problem, budget_bytes: int | None = None) -> str:
-    """The fastest mode whose predicted extra memory fits the budget on the tensors' device."""
-    pl = plan(p, budget_bytes)
-    budget = available_bytes(p.device) if budget_bytes is None else budget_bytes
+def choose_mode(p: Problem, budget_bytes: int | None = None, pl: dict[str, Any] | None = None) -> str:
+    """The fastest mode whose predicted extra memory fits `budget_bytes` (None or 0: the memory free on the
+    tensors' device now) on that device. `pl` is `plan(p, budget_bytes)` if already made."""
+    if pl is None:
+        pl = plan(p, budget_bytes)
+    budget = pl["budget_bytes"]
     predicted = {
         "chunked": pl["kernel_peak_bytes"] if p.device.type == "cpu" else pl["torch_peak_bytes"],
         "sdpa": _sdpa_bytes(p),
@@ -78,10 +96,13 @@ def choose_mode(p: Problem, budget_bytes: int | None = None) -> str:
     }
     order = ("chunked", "sdpa", "sliced") if p.device.type == "cpu" else ("sdpa", "chunked", "sliced")
     for mode in order:
-        if budget == 0 or predicted[mode] <= budget:
+        if budget == 0 or predicted[mode] <= budget:  # 0: the device's free memory is unknown
             log.debug("attention auto: %s (predicted %d bytes, budget %d)", mode, predicted[mode], budget)
             return mode
     smallest = min(order, key=lambda m: predicted[m])
-    log.warning("attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
-                ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
+    # Once per call shape and requested budget: a model makes the same call hundreds of times per image.
+    key = ("no mode fits", p.device.type, str(p.q.dtype), p.batch, p.heads, p.q_len, p.kv_len, p.head_dim,
+           p.v_head_dim, p.mask is not None, p.upcast, budget_bytes or None)
+    log_once(key, "attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
+             ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
     return smallest

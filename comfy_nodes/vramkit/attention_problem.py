@@ -3,10 +3,14 @@ for what is not accepted."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import DtypeError
@@ -90,8 +94,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None
         q4, k4, v4 = q, k, v
     else:
         form = "(batch, tokens, heads * head_dim)"
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-            raise ValueError(f"heads must be a positive int (or None for (B, H, N, D) tensors); got {heads!r}")
+        heads = _positive_int(heads)
         _check_ndim(q, k, v, 3, form)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.shape[2] % heads:
@@ -114,11 +117,23 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None
         raise ValueError(f"the head dim must be positive; got {shapes}")
     if scale is None:
         scale = 1.0 / math.sqrt(q4.shape[3])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None; got {type(scale).__name__}")
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None (any real number: int, numpy floating or integer "
+                        f"scalar; not bool); got {type(scale).__name__}")
     upcast = attn_precision == torch.float32 and q.dtype != torch.float32
     mask4 = _check_mask(mask, (*q4.shape[:3], k4.shape[2]), q.device)
     return Problem(q4, k4, v4, mask4, float(scale), upcast, heads is not None)
+
+
+def _positive_int(heads: object) -> int:
+    """`heads` as an int: Python and numpy integers (anything with ``__index__``), not bools."""
+    value = 0
+    if not isinstance(heads, (bool, np.bool_)):
+        with contextlib.suppress(TypeError):
+            value = operator.index(heads)  # type: ignore[call-overload]
+    if value <= 0:
+        raise ValueError(f"heads must be a positive int (or None for (B, H, N, D) tensors); got {heads!r}")
+    return value
 
 
 def _check_ndim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, form: str) -> None:
@@ -128,7 +143,12 @@ def _check_ndim(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int, fo
 
 
 def _check_mask(mask: torch.Tensor | None, full: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
-    """The mask as a 4-D view broadcastable to `full` = (B, H, Nq, Nk) (torch's broadcasting rules)."""
+    """The mask as a 4-D view broadcastable to `full` = (B, H, Nq, Nk) (torch's broadcasting rules), with
+    every stride-0 (expanded) dimension collapsed to size 1.
+
+    An expanded mask (``mask.expand(B, H, Nq, Nk)``) repeats one value along such a dimension; every path
+    broadcasts size-1 dimensions, so keeping it at size 1 means a later ``.contiguous()`` or dtype
+    conversion copies only the distinct values, never a full (B, H, Nq, Nk) tensor."""
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
@@ -142,7 +162,10 @@ def _check_mask(mask: torch.Tensor | None, full: tuple[int, ...], device: torch.
     if not ok:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not broadcast to (batch, heads, q_len, kv_len) = "
                          f"{full}; each size must be 1 or the full size (missing leading dims count as 1)")
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if any(st == 0 and n > 1 for n, st in zip(m4.shape, m4.stride(), strict=True)):
+        m4 = m4[tuple(slice(0, 1) if st == 0 else slice(None) for st in m4.stride())]
+    return m4
 
 
 def needs_grad(p: Problem) -> bool:

@@ -1,4 +1,4 @@
-//! Attention masks: boolean (true = attend) or additive float, broadcast over (batch, heads, q, k).
+//! Attention masks: boolean (nonzero = attend) or additive float, broadcast over (batch, heads, q, k).
 
 use super::Dims;
 use crate::error::CoreResult;
@@ -11,9 +11,14 @@ use std::f32::consts::LOG2_E;
 /// The values of a mask, row-major over its `shape`.
 #[derive(Debug, Clone, Copy)]
 pub enum MaskValues<'a> {
-    /// `true` keeps the key, `false` masks it out (its weight is exactly 0).
-    Bool(&'a [bool]),
-    /// Added to the scaled scores before the softmax (`-inf` masks a key out).
+    /// The bytes of a boolean mask: nonzero keeps the key, 0 masks it out (its weight is exactly 0).
+    ///
+    /// Bytes, not `&[bool]`: a bool array from numpy or torch can hold bytes other than 0 and 1 (e.g.
+    /// `torch.tensor([2], dtype=torch.uint8).view(torch.bool)`), which would be undefined behaviour as a
+    /// Rust `bool`. Every nonzero byte counts as true, as numpy and torch read it.
+    Bool(&'a [u8]),
+    /// Added to the scaled scores before the softmax (`-inf` masks a key out). Finite values beyond
+    /// `±BIAS_LIMIT` (e.g. `torch.finfo(torch.float32).min`, a common "masked" value) count as `±BIAS_LIMIT`.
     F32(&'a [f32]),
     F16(&'a [f16]),
     Bf16(&'a [bf16]),
@@ -76,7 +81,8 @@ impl Mask<'_> {
     }
 
     /// Turns raw scores `s` of query row `i` against keys `j0..j0 + s.len()` into log2-domain logits:
-    /// `s * c + mask * log2(e)` (additive) or `s * c` / `-inf` (boolean), with `c = scale * log2(e)`.
+    /// `s * c + log2_bias(mask)` (additive) or `s * c` / `-inf` (boolean: nonzero byte / zero byte), with
+    /// `c = scale * log2(e)`.
     pub(super) fn apply_row(
         &self,
         st: MaskStrides,
@@ -103,9 +109,28 @@ impl Mask<'_> {
     }
 }
 
+/// The largest additive mask magnitude that stays finite once scaled to log2 units (`* log2(e)`).
+pub(super) const BIAS_LIMIT: f32 = f32::MAX / LOG2_E;
+
+/// An additive mask value in log2 units: `a * log2(e)`, with finite `a` first clamped to `±BIAS_LIMIT`.
+///
+/// Without the clamp, finite values below `-f32::MAX / log2(e)` (about -2.36e38, e.g. the common
+/// `torch.finfo(torch.float32).min`) would become `-inf`, and a row masked that way would weigh nothing
+/// and come out as zeros, where the float64 reference (and torch) give a finite logit, so such a row is
+/// the average of V. Infinities and NaN pass unchanged: `-inf` still masks a key out exactly.
+#[inline(always)]
+fn log2_bias(a: f32) -> f32 {
+    let a = if a.abs() <= f32::MAX {
+        a.clamp(-BIAS_LIMIT, BIAS_LIMIT)
+    } else {
+        a
+    };
+    a * LOG2_E
+}
+
 fn apply_add_any<M: Element>(s: &mut [f32], m: &[M], base: usize, sj: usize, c: f32) {
     if sj == 0 {
-        let add = m[base].to_f32() * LOG2_E;
+        let add = log2_bias(m[base].to_f32());
         scale_add(s, c, add);
     } else {
         apply_add(s, &m[base..base + s.len()], c);
@@ -118,20 +143,20 @@ pub(super) fn scale_row(s: &mut [f32], c: f32) {
 }
 
 multiversion!(fn apply_add<M: Element>(s: &mut [f32], m: &[M], c: f32) => apply_add_loop);
-multiversion!(fn apply_bool(s: &mut [f32], m: &[bool], c: f32) => apply_bool_loop);
+multiversion!(fn apply_bool(s: &mut [f32], m: &[u8], c: f32) => apply_bool_loop);
 multiversion!(fn scale_add(s: &mut [f32], c: f32, add: f32) => scale_add_loop);
 
 #[inline(always)]
 fn apply_add_loop<M: Element>(s: &mut [f32], m: &[M], c: f32) {
     for (x, &a) in s.iter_mut().zip(m) {
-        *x = *x * c + a.to_f32() * LOG2_E;
+        *x = *x * c + log2_bias(a.to_f32());
     }
 }
 
 #[inline(always)]
-fn apply_bool_loop(s: &mut [f32], m: &[bool], c: f32) {
+fn apply_bool_loop(s: &mut [f32], m: &[u8], c: f32) {
     for (x, &keep) in s.iter_mut().zip(m) {
-        *x = if keep { *x * c } else { f32::NEG_INFINITY };
+        *x = if keep != 0 { *x * c } else { f32::NEG_INFINITY };
     }
 }
 
@@ -142,8 +167,8 @@ fn scale_add_loop(s: &mut [f32], c: f32, add: f32) {
     }
 }
 
-fn apply_bool_scalar(s: &mut [f32], keep: bool, c: f32) {
-    if keep {
+fn apply_bool_scalar(s: &mut [f32], keep: u8, c: f32) {
+    if keep != 0 {
         scale_row(s, c);
     } else {
         s.fill(f32::NEG_INFINITY);
@@ -200,7 +225,7 @@ mod tests {
         let mut s = [0f32; 3];
         m.apply_row(m.strides(), (1, 2, 3), 2, &mut s, 1.0);
         assert_eq!(s, [7.0 * LOG2_E, 8.0 * LOG2_E, 9.0 * LOG2_E]);
-        let keep = [true, false];
+        let keep = [1u8, 0];
         let b = Mask {
             values: MaskValues::Bool(&keep),
             shape: [2, 1, 1, 1],
@@ -210,5 +235,62 @@ mod tests {
         assert_eq!(s, [f32::NEG_INFINITY; 2]);
         b.apply_row(b.strides(), (0, 0, 0), 0, &mut s, 2.0);
         assert_eq!(s, [f32::NEG_INFINITY; 2]); // -inf * 2 stays -inf
+    }
+
+    #[test]
+    fn huge_finite_additive_values_stay_finite_and_infinities_stay() {
+        assert!((BIAS_LIMIT * LOG2_E).is_finite());
+        assert_eq!(log2_bias(f32::NEG_INFINITY), f32::NEG_INFINITY);
+        assert_eq!(log2_bias(f32::INFINITY), f32::INFINITY);
+        assert!(log2_bias(f32::NAN).is_nan());
+        assert_eq!(log2_bias(-1.0), -LOG2_E);
+        let mins = [f32::MIN, -3.0e38, -2.4e38, bf16::MIN.to_f32()];
+        for a in mins {
+            let b = log2_bias(a);
+            assert!(b.is_finite() && b < -3.0e38, "{a} -> {b}");
+        }
+        // Both the per-key loop and the broadcast (one value per row) path.
+        let m = Mask {
+            values: MaskValues::F32(&mins),
+            shape: [1, 1, 1, 4],
+        };
+        let mut s = [0.5f32; 4];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 1.0);
+        assert!(s.iter().all(|x| x.is_finite()), "{s:?}");
+        let one = [bf16::MIN];
+        let m = Mask {
+            values: MaskValues::Bf16(&one),
+            shape: [1, 1, 1, 1],
+        };
+        let mut s = [0.5f32; 3];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 1.0);
+        assert!(s.iter().all(|x| x.is_finite()), "{s:?}");
+    }
+
+    #[test]
+    fn every_nonzero_byte_of_a_bool_mask_attends() {
+        // Bytes a numpy/torch bool array can hold besides 0 and 1; all of them mean "attend".
+        let bytes = [
+            0u8, 1, 2, 0x80, 0xff, 0, 7, 1, 0, 2, 2, 0, 0xfe, 1, 0, 3, 0, 1,
+        ];
+        let m = Mask {
+            values: MaskValues::Bool(&bytes),
+            shape: [1, 1, 1, bytes.len()],
+        };
+        let mut s = [1.5f32; 18];
+        m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 2.0);
+        for (x, &b) in s.iter().zip(&bytes) {
+            assert_eq!(*x, if b != 0 { 3.0 } else { f32::NEG_INFINITY });
+        }
+        for &b in &[2u8, 0xff] {
+            let one = [b];
+            let m = Mask {
+                values: MaskValues::Bool(&one),
+                shape: [1, 1, 1, 1],
+            };
+            let mut s = [1.5f32; 3];
+            m.apply_row(m.strides(), (0, 0, 0), 0, &mut s, 2.0);
+            assert_eq!(s, [3.0; 3]);
+        }
     }
 }

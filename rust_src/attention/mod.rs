@@ -143,12 +143,14 @@ impl Blocks {
 
     /// The blocks the kernel really uses for `dims`: none larger than the problem.
     pub fn clamped(&self, dims: &Dims) -> Blocks {
-        let bh = dims.batch * dims.heads;
+        let bh = dims.batch.saturating_mul(dims.heads);
+        let kv_pad = dims
+            .kv_len
+            .checked_next_multiple_of(PANEL)
+            .unwrap_or(usize::MAX / PANEL * PANEL);
         Blocks {
             block_q: self.block_q.min(dims.q_len).max(1),
-            block_kv: self
-                .block_kv
-                .min(dims.kv_len.next_multiple_of(PANEL).max(PANEL)),
+            block_kv: self.block_kv.min(kv_pad.max(PANEL)),
             heads_per_group: self.heads_per_group.min(bh).max(1),
         }
     }
@@ -194,18 +196,21 @@ pub fn kernel_bytes(engine: Engine, dims: &Dims, blocks: &Blocks, threads: usize
     let b = blocks.clamped(dims);
     let e = engine.layout_sizes(dims.head_dim, dims.v_head_dim);
     let panels = dims.kv_len.div_ceil(PANEL);
-    let per_thread = b
-        .block_q
-        .saturating_mul(e.q_row * e.elem_bytes + e.dv_pad * 4 + 3 * 4)
-        .saturating_add(
-            b.block_q
-                .saturating_mul(b.block_kv)
-                .saturating_mul(4 + e.p_bytes),
-        );
-    let packed_kv = b
-        .heads_per_group
-        .saturating_mul(panels)
-        .saturating_mul((e.k_panel + e.v_panel) * e.elem_bytes);
+    let row_bytes = e
+        .q_row
+        .saturating_mul(e.elem_bytes)
+        .saturating_add(e.dv_pad.saturating_mul(4))
+        .saturating_add(3 * 4);
+    let per_thread = b.block_q.saturating_mul(row_bytes).saturating_add(
+        b.block_q
+            .saturating_mul(b.block_kv)
+            .saturating_mul(4 + e.p_bytes),
+    );
+    let packed_kv = b.heads_per_group.saturating_mul(panels).saturating_mul(
+        e.k_panel
+            .saturating_add(e.v_panel)
+            .saturating_mul(e.elem_bytes),
+    );
     KernelBytes {
         per_thread,
         packed_kv,

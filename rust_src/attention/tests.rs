@@ -205,11 +205,17 @@ fn masks_broadcast_and_fully_masked_rows_are_zero() {
     let dm = dims(2, 3, 37, 150, 16, 16);
     let [ql, kl, vl, _] = dm.lens().unwrap();
     let (q, k, v) = (data(ql, 4), data(kl, 5), data(vl, 6));
-    // bool (1, 3, 37, 150): row 5 of every head fully masked, otherwise a pattern.
-    let keep: Vec<bool> = (0..3 * 37 * 150)
+    // bool (1, 3, 37, 150): row 5 of every head fully masked, otherwise a pattern. The "true" bytes are
+    // 1, 2 and 255: a numpy/torch bool array may hold any nonzero byte, and all of them mean attend.
+    let keep: Vec<u8> = (0..3 * 37 * 150)
         .map(|x| {
             let (i, j) = ((x / 150) % 37, x % 150);
-            i != 5 && (i + j) % 3 != 0
+            let attend = i != 5 && (i + j) % 3 != 0;
+            if attend {
+                [1, 2, 255][j % 3]
+            } else {
+                0
+            }
         })
         .collect();
     // additive (2, 1, 1, 150): a per-batch key bias with some -inf.
@@ -240,7 +246,7 @@ fn masks_broadcast_and_fully_masked_rows_are_zero() {
                 shape: [1, 3, 37, 150],
             };
             let f = |_b: usize, h: usize, i: usize, j: usize| {
-                keep[(h * 37 + i) * 150 + j].then_some(0.0)
+                (keep[(h * 37 + i) * 150 + j] != 0).then_some(0.0)
             };
             let (qq, kk, vv) = if engine == Engine::Avx512Bf16 {
                 (

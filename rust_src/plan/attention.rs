@@ -8,10 +8,47 @@
 //! The Rust kernel's model is exact (`attention::kernel_bytes`): `threads` sets of per-thread blocks
 //! (query block, scores, probabilities, accumulator) plus K and V of `heads_per_group` heads packed.
 //! The torch models follow `vramkit/attention_torch.py` line by line (each tensor it creates per chunk).
+//!
+//! Sizes come from callers (Python ints), so every byte count saturates at `usize::MAX` instead of wrapping
+//! (`Sat`): a size too large to represent is more than any budget, never a small number that "fits".
 
 use crate::attention::{kernel_bytes, Blocks, Dims, Engine, KernelBytes};
 use crate::error::CoreResult;
 use crate::value_err;
+use std::ops::{Add, Mul};
+
+/// A byte count whose `+` and `*` saturate at `usize::MAX` (release builds would otherwise wrap around to
+/// a small number, and an absurd size would fit any budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Sat(usize);
+
+impl Add for Sat {
+    type Output = Sat;
+    fn add(self, rhs: Sat) -> Sat {
+        Sat(self.0.saturating_add(rhs.0))
+    }
+}
+
+impl Add<usize> for Sat {
+    type Output = Sat;
+    fn add(self, rhs: usize) -> Sat {
+        self + Sat(rhs)
+    }
+}
+
+impl Mul for Sat {
+    type Output = Sat;
+    fn mul(self, rhs: Sat) -> Sat {
+        Sat(self.0.saturating_mul(rhs.0))
+    }
+}
+
+impl Mul<usize> for Sat {
+    type Output = Sat;
+    fn mul(self, rhs: usize) -> Sat {
+        self * Sat(rhs)
+    }
+}
 
 /// What `plan_attention` is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,12 +176,16 @@ const BLOCK_KV: [usize; 4] = [512, 256, 128, 64];
 /// then larger key blocks, then fewer heads packed at once. The first candidate packs enough heads for
 /// eight (head, query block) tasks per thread, so that every group keeps all threads busy.
 fn preferred_blocks(dims: &Dims, threads: usize) -> Vec<Blocks> {
-    let bh = (dims.batch * dims.heads).max(1);
+    let bh = dims.batch.saturating_mul(dims.heads).max(1);
     let mut out: Vec<Blocks> = Vec::new();
     for bq in BLOCK_Q {
         for bk in BLOCK_KV {
             let q_blocks = dims.q_len.max(1).div_ceil(bq);
-            let mut g = (8 * threads.max(1)).div_ceil(q_blocks).clamp(1, bh);
+            let mut g = threads
+                .max(1)
+                .saturating_mul(8)
+                .div_ceil(q_blocks)
+                .clamp(1, bh);
             loop {
                 let b = Blocks {
                     block_q: bq,
@@ -216,16 +257,19 @@ pub fn plan_attention(req: &Request) -> CoreResult<AttentionPlan> {
 ///   comparison masks: 26 bytes a row, counted as 32);
 /// - per step: the key chunk's copy (same rule), the value chunk's layout copy, the f32 scores, a negated
 ///   boolean mask, the probabilities in v's type (half inputs), and P V in v's type.
+///
+/// Saturates at `usize::MAX`.
 pub fn torch_chunk_bytes(req: &Request, cq: usize, ck: usize) -> usize {
     let d = &req.dims;
-    let bh = d.batch * d.heads;
+    let bh = Sat(d.batch) * d.heads;
     let e = req.dtype_bytes;
     let probs = if e != 4 { e } else { 0 };
-    let per_q = 4 * d.head_dim + 4 * d.v_head_dim + 32;
-    let step = ck * (4 * d.head_dim + e * d.v_head_dim)
+    let (cq, ck) = (Sat(cq), Sat(ck));
+    let per_q = Sat(4) * d.head_dim + Sat(4) * d.v_head_dim + 32;
+    let step = ck * (Sat(4) * d.head_dim + Sat(e) * d.v_head_dim)
         + cq * ck * (4 + 1 + probs)
         + cq * d.v_head_dim * e;
-    bh * (cq * per_q + step)
+    (bh * (cq * per_q + step)).0
 }
 
 /// The largest chunks whose step fits the budget (fewest steps; whole key range preferred).
@@ -241,7 +285,7 @@ fn torch_chunks(req: &Request) -> TorchChunks {
             if !fits(peak, req.budget_bytes) {
                 continue;
             }
-            let steps = nq.div_ceil(cq) * nk.div_ceil(ck);
+            let steps = nq.div_ceil(cq).saturating_mul(nk.div_ceil(ck));
             let better = match &best {
                 None => true,
                 Some((s, b)) => steps < *s || (steps == *s && ck > b.chunk_kv),
@@ -285,19 +329,19 @@ fn sizes_down_from(n: usize, min: usize) -> Vec<usize> {
 /// (`attention_torch.sliced`), summing per pair: the q and k slices' copies (f32 for half inputs off CUDA,
 /// else the layout copies `matmul` makes: at most 4 bytes an element), v's layout copy, the f32 scores, a
 /// negated boolean mask, the f32 softmax, the probabilities in v's type, the product, the masked-row test;
-/// plus the CPU GEMM workspace of P V for half inputs (`gemm_workspace`).
+/// plus the CPU GEMM workspace of P V for half inputs (`gemm_workspace`). Saturates at `usize::MAX`.
 pub fn sliced_bytes(req: &Request, slice: usize) -> usize {
     let d = &req.dims;
     let e = req.dtype_bytes;
     let probs = if e != 4 { e } else { 0 };
-    let inputs = 4 * (d.q_len + d.kv_len) * d.head_dim + e * d.kv_len * d.v_head_dim;
-    let per =
-        inputs + d.q_len * d.kv_len * (4 + 1 + 4 + probs + 1) + d.q_len * (d.v_head_dim * e + 1);
-    slice * per
+    let (nq, nk) = (Sat(d.q_len), Sat(d.kv_len));
+    let inputs = Sat(4) * (nq + nk) * d.head_dim + Sat(e) * nk * d.v_head_dim;
+    let per = inputs + nq * nk * (4 + 1 + 4 + probs + 1) + nq * (Sat(d.v_head_dim) * e + 1);
+    (Sat(slice) * per).0
 }
 
 fn slices(req: &Request) -> Slices {
-    let bh = (req.dims.batch * req.dims.heads).max(1);
+    let bh = req.dims.batch.saturating_mul(req.dims.heads).max(1);
     let mut s = bh;
     loop {
         let peak = sliced_bytes(req, s);
@@ -372,6 +416,54 @@ mod tests {
         assert!(!p.torch_fits());
         assert_eq!(p.sliced.slice, 1);
         assert!(p.summary().contains("over budget"));
+    }
+
+    #[test]
+    fn absurd_sizes_saturate_and_never_fit() {
+        // Each product below wraps around to a small number in wrapping arithmetic.
+        let mut r = req(300 << 30);
+        r.dims = Dims {
+            batch: 1,
+            heads: 1,
+            q_len: 1 << 32,
+            kv_len: 1 << 32,
+            head_dim: 1,
+            v_head_dim: 1,
+        };
+        let p = plan_attention(&r).unwrap();
+        assert_eq!(p.sliced.peak_bytes, usize::MAX, "{}", p.summary());
+        assert!(!p.sliced_fits(), "{}", p.summary());
+        // Small enough chunks of 2^32 queries do fit 300 GiB; their bytes must be the true ones.
+        assert!(p.torch_fits() && p.torch.peak_bytes <= 300 << 30);
+        assert_eq!(
+            p.torch.peak_bytes,
+            (p.torch.chunk_kv * (4 + 4)
+                + p.torch.chunk_q * p.torch.chunk_kv * 5
+                + p.torch.chunk_q * 4)
+                + p.torch.chunk_q * (4 + 4 + 32)
+        );
+        assert_eq!(sliced_bytes(&r, 1), usize::MAX);
+        assert_eq!(torch_chunk_bytes(&r, 1 << 32, 1 << 32), usize::MAX);
+        // head dims whose per-row bytes wrap
+        for (hd, dv) in [(1 << 62, 1), (1, 1 << 62), (usize::MAX / 2, 1)] {
+            r.dims = Dims {
+                batch: 1,
+                heads: 1,
+                q_len: 1,
+                kv_len: 1,
+                head_dim: hd,
+                v_head_dim: dv,
+            };
+            r.threads = usize::MAX;
+            let p = plan_attention(&r).unwrap();
+            assert!(
+                !p.kernel_fits() && !p.torch_fits() && !p.sliced_fits(),
+                "{}",
+                p.summary()
+            );
+        }
+        assert_eq!(Sat(usize::MAX) + 1, Sat(usize::MAX));
+        assert_eq!(Sat(1 << 40) * (1 << 40), Sat(usize::MAX));
     }
 
     #[test]

@@ -6,6 +6,9 @@
 //! weights cast on the fly. A layer that cannot be streamed (not a ComfyUI op) and does not fit is left
 //! where it is ("unplaced"), as ComfyUI leaves it. As a pure function it lets a node say what a budget will
 //! do before anything is loaded.
+//!
+//! Byte counts come from callers and saturate at `u64::MAX` instead of wrapping, so a sum too large to
+//! represent never fits a budget (Python's ints do not wrap either, so ComfyUI's walk agrees).
 
 use crate::error::CoreResult;
 use crate::value_err;
@@ -90,26 +93,29 @@ pub fn plan_resident(
         let layer = layers[i];
         let potential = match rule {
             BufferRule::NextLayers => {
-                let ahead: u64 = order[pos + 1..]
+                let ahead = order[pos + 1..]
                     .iter()
                     .take(streams)
-                    .map(|&j| layers[j].bytes)
-                    .sum();
-                buffer.max(layer.cast_bytes + ahead)
+                    .fold(0u64, |sum, &j| sum.saturating_add(layers[j].bytes));
+                buffer.max(layer.cast_bytes.saturating_add(ahead))
             }
-            BufferRule::Multiply => buffer.max(layer.cast_bytes * (streams as u64 + 1)),
+            BufferRule::Multiply => buffer.max(
+                layer
+                    .cast_bytes
+                    .saturating_mul((streams as u64).saturating_add(1)),
+            ),
         };
-        let fits = (used + layer.bytes + potential) < budget;
+        let fits = used.saturating_add(layer.bytes).saturating_add(potential) < budget;
         if !full_load && layer.streamable && !fits {
             buffer = potential;
             largest_buffer = largest_buffer.max(buffer);
-            streamed_bytes += layer.bytes;
+            streamed_bytes = streamed_bytes.saturating_add(layer.bytes);
             streamed_layers += 1;
             continue;
         }
         if full_load || fits {
             resident[i] = true;
-            used += layer.bytes;
+            used = used.saturating_add(layer.bytes);
         } else {
             buffer = potential;
             largest_buffer = largest_buffer.max(buffer);
@@ -218,6 +224,24 @@ mod tests {
             plan_resident(&[fixed, layer(10)], 1001, 10_000, 0, BufferRule::NextLayers).unwrap();
         assert_eq!(roomy.resident, vec![true, true]);
         assert_eq!((roomy.resident_bytes, roomy.unplaced_layers), (510, 0));
+    }
+
+    #[test]
+    fn sizes_that_would_wrap_saturate_and_never_fit() {
+        // 2^63 + 2^63 (+ the buffer) wraps to a small number in wrapping arithmetic.
+        let huge = [layer(1 << 63), layer(1 << 63)];
+        for rule in [BufferRule::NextLayers, BufferRule::Multiply] {
+            for streams in [0, 1, 2, usize::MAX] {
+                let plan = plan_resident(&huge, 1_000_000, u64::MAX, streams, rule).unwrap();
+                assert_eq!(plan.resident, vec![false, false], "{rule:?} {streams}");
+                assert_eq!((plan.resident_bytes, plan.streamed_layers), (0, 2));
+                assert_eq!(plan.streamed_bytes, u64::MAX);
+            }
+        }
+        // A full load of layers larger than model_bytes claims (ComfyUI loads everything): totals saturate.
+        let plan = plan_resident(&huge, 10, 1, 0, BufferRule::NextLayers).unwrap();
+        assert!(plan.full_load);
+        assert_eq!(plan.resident_bytes, u64::MAX);
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! Python bindings of `crate::attention` and `crate::plan::attention`.
 
-use super::arrays::{describe, fill_output, FloatArray};
-use super::to_py_err;
+use super::arrays::{describe, fill_output, slice, FloatArray};
+use super::{opt_usize_arg, to_py_err, usize_arg};
 use crate::attention::{
     attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
 };
 use crate::plan::attention::{plan_attention as plan, Request};
-use numpy::{PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -18,27 +18,19 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// The elements of a C-contiguous array. (`PyReadonlyArray::as_slice` also accepts Fortran order, whose
-/// elements would then be read in the wrong order.)
-fn slice<'a, T: numpy::Element>(name: &str, a: &'a PyReadonlyArrayDyn<'_, T>) -> PyResult<&'a [T]> {
-    if !a.is_c_contiguous() {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be C-contiguous; pass np.ascontiguousarray(...) (or tensor.contiguous())"
-        )));
-    }
-    super::arrays::slice(name, a)
-}
-
 /// A mask array: bool, float32, float16, or uint16 holding bfloat16 bits.
 enum MaskArray<'py> {
-    Bool(PyReadonlyArrayDyn<'py, bool>),
+    /// A bool array's bytes, viewed as uint8: a bool array may hold bytes other than 0 and 1 (torch's
+    /// `.view(torch.bool)` of any uint8 data), so it is never read as `&[bool]`; nonzero means attend.
+    Bool(PyReadonlyArrayDyn<'py, u8>),
     Float(FloatArray<'py>),
 }
 
 impl<'py> MaskArray<'py> {
     fn extract(obj: &Bound<'py, PyAny>) -> PyResult<Self> {
-        if let Ok(a) = obj.extract::<PyReadonlyArrayDyn<'py, bool>>() {
-            return Ok(Self::Bool(a));
+        if let Ok(a) = obj.cast::<PyArrayDyn<bool>>() {
+            let bytes = a.call_method1("view", ("uint8",))?;
+            return Ok(Self::Bool(bytes.extract::<PyReadonlyArrayDyn<'py, u8>>()?));
         }
         FloatArray::extract("mask", obj)
             .map(Self::Float)
@@ -168,14 +160,18 @@ fn attention<'py>(
     q: &Bound<'py, PyAny>,
     k: &Bound<'py, PyAny>,
     v: &Bound<'py, PyAny>,
-    heads: Option<usize>,
+    heads: Option<&Bound<'py, PyAny>>,
     mask: Option<&Bound<'py, PyAny>>,
     scale: Option<f32>,
-    block_q: Option<usize>,
-    block_kv: Option<usize>,
-    heads_per_group: Option<usize>,
+    block_q: Option<&Bound<'py, PyAny>>,
+    block_kv: Option<&Bound<'py, PyAny>>,
+    heads_per_group: Option<&Bound<'py, PyAny>>,
     engine: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyDict>)> {
+    let heads = opt_usize_arg("heads", heads, 1)?;
+    let block_q = opt_usize_arg("block_q", block_q, 1)?;
+    let block_kv = opt_usize_arg("block_kv", block_kv, 1)?;
+    let heads_per_group = opt_usize_arg("heads_per_group", heads_per_group, 1)?;
     let engine = Engine::parse(engine).map_err(to_py_err)?;
     let (qa, ka, va) = (
         FloatArray::extract("q", q)?,
@@ -277,18 +273,28 @@ fn attention_engines() -> Vec<&'static str> {
 #[allow(clippy::too_many_arguments)]
 fn plan_attention<'py>(
     py: Python<'py>,
-    batch: usize,
-    heads: usize,
-    q_len: usize,
-    kv_len: usize,
-    head_dim: usize,
-    dtype_bytes: usize,
-    budget_bytes: usize,
-    v_head_dim: Option<usize>,
-    threads: Option<usize>,
-    torch_threads: Option<usize>,
+    batch: &Bound<'py, PyAny>,
+    heads: &Bound<'py, PyAny>,
+    q_len: &Bound<'py, PyAny>,
+    kv_len: &Bound<'py, PyAny>,
+    head_dim: &Bound<'py, PyAny>,
+    dtype_bytes: &Bound<'py, PyAny>,
+    budget_bytes: &Bound<'py, PyAny>,
+    v_head_dim: Option<&Bound<'py, PyAny>>,
+    threads: Option<&Bound<'py, PyAny>>,
+    torch_threads: Option<&Bound<'py, PyAny>>,
     engine: Option<&str>,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let batch = usize_arg("batch", batch, 0)?;
+    let heads = usize_arg("heads", heads, 0)?;
+    let q_len = usize_arg("q_len", q_len, 0)?;
+    let kv_len = usize_arg("kv_len", kv_len, 0)?;
+    let head_dim = usize_arg("head_dim", head_dim, 0)?;
+    let dtype_bytes = usize_arg("dtype_bytes", dtype_bytes, 0)?;
+    let budget_bytes = usize_arg("budget_bytes", budget_bytes, 0)?;
+    let v_head_dim = opt_usize_arg("v_head_dim", v_head_dim, 0)?;
+    let threads = opt_usize_arg("threads", threads, 0)?;
+    let torch_threads = opt_usize_arg("torch_threads", torch_threads, 0)?;
     let engine = match engine {
         Some(name) => Engine::parse(name).map_err(to_py_err)?,
         None => None,
@@ -310,6 +316,7 @@ fn plan_attention<'py>(
     };
     let p = plan(&req).map_err(to_py_err)?;
     let d = PyDict::new(py);
+    d.set_item("budget_bytes", req.budget_bytes)?;
     d.set_item("block_q", p.blocks.block_q)?;
     d.set_item("block_kv", p.blocks.block_kv)?;
     d.set_item("heads_per_group", p.blocks.heads_per_group)?;

@@ -7,8 +7,9 @@ mod plan_offload;
 mod quant;
 
 use crate::error::CoreError;
-use pyo3::exceptions::{PyMemoryError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
@@ -45,6 +46,44 @@ fn copy_bytes<'py>(
             .for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     })
+}
+
+/// An int argument in `min..=usize::MAX`. pyo3's own extraction raises OverflowError for negative or huge
+/// ints; this raises a ValueError naming the argument and the accepted range instead, and a TypeError for
+/// what is not an int (bool included, though Python counts it as one). numpy integers are accepted.
+pub fn usize_arg(name: &str, obj: &Bound<'_, PyAny>, min: usize) -> PyResult<usize> {
+    let accepted = match min {
+        0 => format!("a non-negative int (0 to {})", usize::MAX),
+        1 => format!("a positive int (1 to {})", usize::MAX),
+        _ => format!("an int from {min} to {}", usize::MAX),
+    };
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be {accepted}; got a bool ({obj})"
+        )));
+    }
+    match obj.extract::<usize>() {
+        Ok(v) if v >= min => Ok(v),
+        Ok(v) => Err(PyValueError::new_err(format!(
+            "{name} must be {accepted}; got {v}"
+        ))),
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => Err(PyValueError::new_err(
+            format!("{name} must be {accepted}; got {obj}"),
+        )),
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "{name} must be {accepted}; got {}",
+            arrays::describe(obj)
+        ))),
+    }
+}
+
+/// `usize_arg` for an optional argument (None stays None).
+pub fn opt_usize_arg(
+    name: &str,
+    obj: Option<&Bound<'_, PyAny>>,
+    min: usize,
+) -> PyResult<Option<usize>> {
+    obj.map(|o| usize_arg(name, o, min)).transpose()
 }
 
 pub fn to_py_err(e: CoreError) -> PyErr {

@@ -131,22 +131,24 @@ impl Engine {
         Ok(())
     }
 
-    /// Buffer sizes of this engine's packed layouts.
+    /// Buffer sizes of this engine's packed layouts. Sizes saturate at `usize::MAX` (for the planner, which
+    /// is asked about any sizes; the kernel's come from arrays in memory, far from it).
     pub fn layout_sizes(self, d: usize, dv: usize) -> LayoutSizes {
-        let dv_pad = dv.next_multiple_of(16);
+        let up = |n: usize, m: usize| n.checked_next_multiple_of(m).unwrap_or(usize::MAX);
+        let dv_pad = up(dv, 16);
         match self {
             Self::Portable | Self::Avx512 => LayoutSizes {
                 q_row: d,
-                k_panel: PANEL * d,
-                v_panel: PANEL * dv_pad,
+                k_panel: PANEL.saturating_mul(d),
+                v_panel: PANEL.saturating_mul(dv_pad),
                 dv_pad,
                 elem_bytes: 4,
                 p_bytes: 0,
             },
             Self::Avx512Bf16 => LayoutSizes {
-                q_row: d.next_multiple_of(2),
-                k_panel: PANEL * d.next_multiple_of(2),
-                v_panel: PANEL * dv_pad,
+                q_row: up(d, 2),
+                k_panel: PANEL.saturating_mul(up(d, 2)),
+                v_panel: PANEL.saturating_mul(dv_pad),
                 dv_pad,
                 elem_bytes: 2,
                 p_bytes: 2,
