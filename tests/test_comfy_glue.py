@@ -178,6 +178,10 @@ def test_offload_planner_binding():
         _core.plan_offload([1, 2], [1], [True, True], 10, 3, 0, "multiply")
     with pytest.raises(ValueError, match="unknown buffer rule"):
         _core.plan_offload([1], [1], [True], 10, 1, 0, "lifo")
+    with pytest.raises(ValueError, match="bytes must be a list of non-negative ints"):
+        _core.plan_offload([-1], [1], [True], 10, 1, 0, "multiply")
+    with pytest.raises(ValueError, match="budget must be a non-negative int"):
+        _core.plan_offload([1], [1], [True], -10, 1, 0, "multiply")
     with pytest.raises(ValueError, match="cast_bytes 1 is smaller"):
         _core.plan_offload([2], [1], [True], 10, 2, 0, "multiply")
 

@@ -164,13 +164,6 @@ impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
     }
 }
 
-/// A size argument taken from Python as a signed integer, so that a negative one is a ValueError naming
-/// it (pyo3's unsigned extraction raises OverflowError).
-pub fn non_negative(name: &str, value: i64) -> PyResult<usize> {
-    usize::try_from(value)
-        .map_err(|_| PyValueError::new_err(format!("{name} must be >= 0; got {value}")))
-}
-
 /// The number of elements of `shape`, or a ValueError when it does not fit in memory's address space.
 fn element_count(name: &str, shape: &[usize]) -> PyResult<usize> {
     shape

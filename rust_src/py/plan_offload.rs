@@ -1,8 +1,9 @@
 //! Python bindings of `crate::plan::offload`.
 
-use super::to_py_err;
+use super::{to_py_err, usize_arg};
 use crate::plan::offload::{plan_resident, BufferRule, Layer};
 use crate::value_err;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -19,14 +20,19 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[allow(clippy::too_many_arguments)]
 fn plan_offload<'py>(
     py: Python<'py>,
-    bytes: Vec<u64>,
-    cast_bytes: Vec<u64>,
+    bytes: &Bound<'py, PyAny>,
+    cast_bytes: &Bound<'py, PyAny>,
     streamable: Vec<bool>,
-    budget: u64,
-    model_bytes: u64,
-    streams: usize,
+    budget: &Bound<'py, PyAny>,
+    model_bytes: &Bound<'py, PyAny>,
+    streams: &Bound<'py, PyAny>,
     rule: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let bytes = byte_list("bytes", bytes)?;
+    let cast_bytes = byte_list("cast_bytes", cast_bytes)?;
+    let budget = usize_arg("budget", budget, 0)? as u64;
+    let model_bytes = usize_arg("model_bytes", model_bytes, 0)? as u64;
+    let streams = usize_arg("streams", streams, 0)?;
     if cast_bytes.len() != bytes.len() || streamable.len() != bytes.len() {
         return Err(to_py_err(value_err!(
             "bytes, cast_bytes and streamable must be equally long (got {}, {}, {})",
@@ -56,4 +62,13 @@ fn plan_offload<'py>(
     out.set_item("buffer_bytes", plan.buffer_bytes)?;
     out.set_item("full_load", plan.full_load)?;
     Ok(out)
+}
+
+/// A list of byte counts; anything but non-negative ints is a ValueError naming the list.
+fn byte_list(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    obj.extract::<Vec<u64>>().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be a list of non-negative ints (byte counts)"
+        ))
+    })
 }

@@ -1,7 +1,8 @@
 //! Python bindings of `crate::quant`.
 
-use super::arrays::{extract_codes, fill_output, non_negative, slice, FloatArray, OutBuf};
+use super::arrays::{extract_codes, fill_output, slice, FloatArray, OutBuf};
 use super::to_py_err;
+use super::usize_arg;
 use crate::quant::{self, Format};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
@@ -61,12 +62,12 @@ fn quantize<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     fmt: &str,
-    block_len: i64,
+    block_len: &Bound<'py, PyAny>,
     out: Option<Bound<'py, PyAny>>,
     scales_out: Option<Bound<'py, PyArrayDyn<f32>>>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyArrayDyn<f32>>)> {
     let fmt = parse_format(fmt)?;
-    let block_len = non_negative("block_len", block_len)?;
+    let block_len = usize_arg("block_len", block_len, 0)?;
     let x = FloatArray::extract("x", x)?;
     let shape = x.shape();
     let n: usize = shape.iter().product();
@@ -112,12 +113,12 @@ fn dequantize<'py>(
     codes: &Bound<'py, PyAny>,
     fmt: &str,
     scales: Option<Bound<'py, PyAny>>,
-    block_len: i64,
+    block_len: &Bound<'py, PyAny>,
     out_dtype: &str,
     out: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let fmt = parse_format(fmt)?;
-    let block_len = non_negative("block_len", block_len)?;
+    let block_len = usize_arg("block_len", block_len, 0)?;
     let codes = extract_codes(codes)?;
     let c = slice("codes", &codes)?;
     let scales = scales
@@ -161,10 +162,10 @@ fn error_stats<'py>(
     codes: &Bound<'py, PyAny>,
     fmt: &str,
     scales: Option<PyReadonlyArrayDyn<'py, f32>>,
-    block_len: i64,
+    block_len: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let fmt = parse_format(fmt)?;
-    let block_len = non_negative("block_len", block_len)?;
+    let block_len = usize_arg("block_len", block_len, 0)?;
     let x = FloatArray::extract("x", x)?;
     let codes = extract_codes(codes)?;
     let c = slice("codes", &codes)?;
