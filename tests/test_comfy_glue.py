@@ -48,6 +48,14 @@ def test_bf16_capability():
     turing = precision.bf16_problem(gpu, capability=lambda d: (7, 5))
     assert turing is not None and "7.5" in turing and "8.0" in turing
     assert precision.bf16_problem(gpu, capability=lambda d: (8, 6)) is None
+    assert precision.bf16_storage_problem(cpu) is None  # storage needs no bf16 arithmetic
+    assert precision.bf16_storage_problem(torch.device("meta")) is not None  # a device that cannot run the probe
+
+
+def test_precision_node_says_where_bf16_works():
+    spec = nodes.VRAMKitPrecision.INPUT_TYPES()["required"]
+    assert "any GPU" in spec["weight_dtype"][1]["tooltip"] and "Ampere" in spec["compute_dtype"][1]["tooltip"]
+    assert "bf16 weights work on any GPU" in nodes.VRAMKitPrecision.DESCRIPTION
 
 
 class StubPatcher:
@@ -81,6 +89,24 @@ def test_clamp_caps_growth_and_trims_overshoot():
         patcher.partially_load("cuda:0", 1e32)
     assert patcher.loads == [300, -300]
     assert "partially_load" not in vars(patcher), "the clamp must not outlive the load"
+
+
+def test_clamp_puts_back_another_packs_instance_attribute():
+    patcher = StubPatcher(loaded=100)
+    calls = []
+
+    def other_pack(device_to, extra_memory=0, force_patch_weights=False):
+        calls.append(extra_memory)
+        return StubPatcher.partially_load(patcher, device_to, extra_memory, force_patch_weights)
+
+    patcher.partially_load = other_pack
+    with streaming.clamp_resident(patcher, 400):
+        patcher.partially_load("cuda:0", 1e32)
+    assert calls == [300], "the clamp must call through the other pack's wrapper"
+    assert vars(patcher)["partially_load"] is other_pack, "the other pack's wrapper must be put back"
+    with pytest.raises(RuntimeError), streaming.clamp_resident(patcher, 400):
+        raise RuntimeError("load failed")
+    assert vars(patcher)["partially_load"] is other_pack
 
 
 def test_wrapper_steps_aside_under_dynamic_vram():
@@ -158,6 +184,104 @@ def test_offload_planner_binding():
         _core.plan_offload([1], [1], [True], -10, 1, 0, "multiply")
     with pytest.raises(ValueError, match="cast_bytes 1 is smaller"):
         _core.plan_offload([2], [1], [True], 10, 2, 0, "multiply")
+
+
+class TreePatcher:
+    """The parts of a ModelPatcher `patch.pristine_tensors` reads: the shared tree, object patches, backups."""
+
+    def __init__(self, model, object_patches=None, backup=None, hook_backup=None, backup_buffers=None):
+        self.model, self.object_patches = model, object_patches or {}
+        self.backup, self.hook_backup, self.backup_buffers = backup or {}, hook_backup or {}, backup_buffers or {}
+
+    def get_model_object(self, name):
+        if name in self.object_patches:
+            return self.object_patches[name]
+        obj = self.model
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def _tree():
+    root = torch.nn.Module()
+    root.layer = torch.nn.Linear(4, 3)
+    root.layer.register_buffer("stat", torch.zeros(3))
+    return root
+
+
+def test_pristine_tensors_read_the_backups_of_a_merged_module():
+    from collections import namedtuple
+
+    from vramkit.comfy import patch
+
+    root = _tree()
+    layer = root.layer
+    weight, bias, stat = layer.weight.detach().clone(), layer.bias.detach().clone(), layer.stat.clone()
+    dim = namedtuple("Dimension", ["weight", "inplace_update"])
+    patcher = TreePatcher(root, backup={"layer.weight": dim(weight, False)},
+                          hook_backup={"layer.bias": (bias, torch.device("cpu"))},
+                          backup_buffers={"layer.stat": stat})
+    with torch.no_grad():  # what a loaded LoRA'd sibling did to the shared module
+        layer.weight.add_(5.0)
+        layer.bias.add_(5.0)
+        layer.stat.add_(5.0)
+    params, buffers = patch.pristine_tensors(patcher, "layer")
+    assert params["weight"] is weight and params["bias"] is bias and buffers["stat"] is stat
+
+
+def test_pristine_tensors_of_a_module_outside_the_tree_are_its_own():
+    from collections import namedtuple
+
+    from vramkit.comfy import patch
+
+    root = _tree()
+    own = torch.nn.Linear(4, 3)  # this patcher's object patch, while another module is installed
+    dim = namedtuple("Dimension", ["weight", "inplace_update"])
+    patcher = TreePatcher(root, object_patches={"layer": own},
+                          backup={"layer.weight": dim(torch.zeros(3, 4), False)})
+    params, _ = patch.pristine_tensors(patcher, "layer")
+    assert params["weight"] is own.weight and params["bias"] is own.bias
+
+
+def test_copy_module_takes_every_tensor_explicitly():
+    from vramkit.comfy import patch
+
+    layer = _tree().layer
+    with pytest.raises(ValueError, match="missing: bias"):
+        patch.copy_module(layer, parameters={"weight": torch.ones(3, 4)}, buffers={"stat": layer.stat})
+    new_bias = torch.full((3,), 2.0)
+    copy = patch.copy_module(layer, parameters={"weight": torch.ones(3, 4), "bias": new_bias},
+                             buffers={"stat": torch.ones(3)})
+    assert copy.bias is not layer.bias and torch.equal(copy.bias, new_bias)
+    assert torch.equal(copy.weight, torch.ones(3, 4)) and torch.equal(copy.stat, torch.ones(3))
+    assert torch.equal(layer.stat, torch.zeros(3)) and not torch.equal(layer.weight, torch.ones(3, 4))
+    copy.register_buffer("extra", torch.ones(1), persistent=False)
+    assert "extra" not in layer._non_persistent_buffers_set and "extra" not in layer._buffers
+
+
+def test_one_dtype_table_for_every_node():
+    from vramkit import quant
+    from vramkit.comfy import dtypes, layouts
+
+    assert layouts._TORCH_FP8 is quant._TORCH_FP8
+    assert tuple(dtypes.FLOATS.values()) == quant.SOURCE_DTYPES
+    choices = [nodes.VRAMKitQuantize.INPUT_TYPES()["required"]["compute_dtype"][0],
+               nodes.VRAMKitPrecision.INPUT_TYPES()["required"]["weight_dtype"][0],
+               nodes.VRAMKitPrecision.INPUT_TYPES()["required"]["compute_dtype"][0]]
+    assert all(c == ["default", "fp32", "fp16", "bf16"] for c in choices)
+    assert dtypes.parse("default", "compute_dtype") is None and dtypes.parse("bf16", "x") is torch.bfloat16
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    ("fp8", ValueError, "compute_dtype 'fp8' is not one of default, fp32, fp16, bf16"),
+    (torch.float16, TypeError, "compute_dtype must be one of default, fp32, fp16, bf16 \\(a string\\), got dtype"),
+    (["fp16"], TypeError, "got list"),
+])
+def test_dtype_names_refused_clearly(value, error, message):
+    from vramkit.comfy import dtypes
+
+    with pytest.raises(error, match=message):
+        dtypes.parse(value, "compute_dtype")
 
 
 @pytest.mark.parametrize("rule", ["next_layers", "multiply"])

@@ -35,13 +35,19 @@ def test_budget_caps_resident_weights_and_output_is_identical(tiny, kind, budget
 
 
 @pytest.mark.parametrize("budget_mb", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("lora", [False, True], ids=["", "lora"])
 @pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
-def test_plan_predicts_what_comfyui_streams(tiny, kind, budget_mb, quantized):
+def test_plan_predicts_what_comfyui_streams(tiny, kind, budget_mb, quantized, lora):
+    from helpers import apply_lora, lora_state_dict
+
     from vramkit.comfy import offload_plan, quantize_model
 
     model = tiny
     if quantized:  # quantized layers computing in bf16: ComfyUI 0.29+ counts their dequantized copy too
         model, _ = quantize_model.quantize_model(tiny, "int8", "group", 64, compute="bf16")
+    if lora:  # a LoRA before the node: ComfyUI's loader adds its estimate of patching a streamed layer
+        model = apply_lora(model, lora_state_dict(tiny))
+        assert model.patches
     budget = int(budget_mb * MB)
     streamed, _ = streaming.apply_offload(model, budget / 2**30)
     predicted = offload_plan.plan(streamed, budget)

@@ -7,7 +7,7 @@ import tiny_models
 import torch
 from helpers import rel, sample
 
-from vramkit.comfy import precision
+from vramkit.comfy import dtypes, precision
 from vramkit.comfy.nodes import VRAMKitPrecision
 
 
@@ -22,7 +22,7 @@ def test_storage_dtype_halves_the_weights(tiny, kind, storage, tolerance):
     stored, summary = set_precision(tiny, storage)
     assert stored is not tiny and stored.model is tiny.model
     patched = {k: p for k, p in stored.object_patches.items() if isinstance(p, torch.nn.Module)}
-    assert patched and all(p.weight.dtype == precision.DTYPES[storage] for p in patched.values())
+    assert patched and all(p.weight.dtype == dtypes.FLOATS[storage] for p in patched.values())
     old = sum(sum(t.nbytes for t in tiny.get_model_object(k).parameters()) for k in patched)
     new = sum(sum(t.nbytes for t in p.parameters()) for p in patched.values())
     assert new * 2 == old
@@ -51,11 +51,44 @@ def test_default_default_is_a_plain_clone(tiny, kind):
     assert "nothing to change" in summary
 
 
-def test_bf16_refused_where_the_device_cannot(tiny, monkeypatch):
+def test_bf16_compute_refused_where_the_device_cannot(tiny, monkeypatch):
     monkeypatch.setattr(precision, "bf16_problem", lambda device: "the GPU cuda:0 has compute capability 7.5")
-    for args in (("bf16", "default"), ("default", "bf16")):
-        with pytest.raises(ValueError, match=r"bf16 refused: the GPU cuda:0 has compute capability 7\.5"):
+    for args in (("default", "bf16"), ("bf16", "bf16"), ("fp16", "bf16")):
+        with pytest.raises(ValueError, match=r"compute_dtype = bf16 refused: the GPU cuda:0 has compute "
+                                             r"capability 7\.5\. Compute in fp16 .* storing the weights as bf16"):
             set_precision(tiny, *args)
+
+
+@pytest.mark.parametrize("compute", ["default", "fp16", "fp32"])
+def test_bf16_storage_allowed_where_only_bf16_compute_is_missing(tiny, kind, monkeypatch, compute):
+    """Pre-Ampere GPUs cannot compute in bf16 but can hold bf16 weights and cast them as layers run."""
+    monkeypatch.setattr(precision, "bf16_problem", lambda device: "the GPU cuda:0 has compute capability 7.5")
+    stored, summary = set_precision(tiny, "bf16", compute)
+    patched = [p for p in stored.object_patches.values() if isinstance(p, torch.nn.Module)]
+    assert patched and all(p.weight.dtype == torch.bfloat16 for p in patched)
+    assert stored.get_model_object("manual_cast_dtype") != torch.bfloat16
+    assert sample(stored, kind).isfinite().all()
+    assert "stored" in summary and "bf16" in summary
+
+
+def test_bf16_storage_refused_where_the_device_cannot_hold_it(tiny, monkeypatch):
+    monkeypatch.setattr(precision, "bf16_storage_problem", lambda device: "mps cannot hold bf16 tensors (old OS)")
+    with pytest.raises(ValueError, match=r"weight_dtype = bf16 refused: mps cannot hold bf16 tensors \(old OS\)"):
+        set_precision(tiny, "bf16", "fp16")
+
+
+def test_overflow_check_builds_no_graph_on_trainable_weights(kind):
+    """Parameters that require grad (a model built outside inference mode): no autograd graph, no warning."""
+    import warnings
+
+    with torch.inference_mode(False):
+        model = tiny_models.load(kind, seed=6)
+        for p in model.model.diffusion_model.parameters():
+            p.requires_grad_(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            stored, _ = set_precision(model, "fp16")
+    assert any(isinstance(p, torch.nn.Module) for p in stored.object_patches.values())
 
 
 def test_fp16_overflow_is_refused(kind):

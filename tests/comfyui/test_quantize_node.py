@@ -170,3 +170,27 @@ def test_quantized_layers_move_between_devices_whole(tiny, route):
         assert scale.device.type == "meta"
     else:
         assert layer.weight_scale.device.type == "meta" and layer.weight.dtype == torch.int8
+
+
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("fmt", "granularity"), [("int8", "group"), ("int8", "channel"), ("int8", "tensor"),
+                                                  ("fp8_e4m3fn", "group")])
+def test_linear_dequantizes_once_into_the_input_dtype(fmt, granularity, input_dtype):
+    """bf16 weights computing in fp32/fp16: F.linear on VRAMKit's layout uses ``(codes * scale).to(input
+    dtype)``, one rounding, not a detour through the weight's original dtype."""
+    from vramkit import quant
+    from vramkit.comfy import compat, layouts
+
+    if compat.quant_backend() == "none":
+        pytest.skip("this ComfyUI has no QuantizedTensor registry")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(32, 128, generator=g).to(torch.bfloat16)
+    q = quant.quantize(weight, fmt, granularity, 64 if granularity == "group" else None)
+    qt = layouts.comfy_weight(q, torch.bfloat16)
+    assert layouts.layout_name(qt) == layouts.LAYOUT_NAME
+    x = torch.randn(4, 128, generator=g).to(input_dtype)
+    expected = q.dequantize(input_dtype)
+    twice = q.dequantize(torch.bfloat16).to(input_dtype)
+    assert not torch.equal(expected, twice), "rounding twice would change nothing: the test proves nothing"
+    assert torch.equal(layouts._weight_for(x, qt), expected)
+    assert torch.equal(torch.nn.functional.linear(x, qt), torch.nn.functional.linear(x, expected))

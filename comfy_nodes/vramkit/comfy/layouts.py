@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from .. import quant
+from ..quant import _TORCH_FP8
 from . import compat
 
 LAYOUT_NAME = "VRAMKitBlockScaledLayout"
 
-_TORCH_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def storage_codes(q: quant.QTensor) -> torch.Tensor:
@@ -58,9 +58,23 @@ def _quantize(tensor: torch.Tensor, format: str, granularity: str, group_size: i
     return storage_codes(q), q.scale
 
 
+def _scheme(weight: Any) -> tuple[torch.Tensor, torch.Tensor, str, str, int]:
+    """Codes, scale, format, granularity and group size of a VRAMKitBlockScaledLayout tensor (either
+    version's QuantizedTensor)."""
+    params = getattr(weight, "_params", None)
+    if params is not None:  # comfy-kitchen: a Params dataclass
+        return weight._qdata, params.scale, params.format, params.granularity, params.group_size
+    p = weight._layout_params  # 0.3.7x: a dict
+    return weight._qdata, p["scale"], p["format"], p["granularity"], p["group_size"]
+
+
 def _weight_for(input: torch.Tensor, weight: Any) -> torch.Tensor:
-    # Dequantize straight into the activation's dtype and device, whatever orig_dtype says.
-    return weight.dequantize().to(device=input.device, dtype=input.dtype)
+    """The weight dequantized straight into the activation's dtype on its device: ``(codes * scale)`` in
+    float32, rounded once to ``input.dtype`` (not to orig_dtype first and then again)."""
+    qdata, scale, format, granularity, group_size = _scheme(weight)
+    if qdata.device != input.device:
+        qdata = qdata.to(input.device)  # move the small codes, not the wide result
+    return _dequantize(qdata, scale, format, granularity, group_size, input.dtype)
 
 
 # --- comfy-kitchen (ComfyUI 0.29+) -------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import attention_modes, measure, precision, quantize_model, selection, streaming, unload
+from . import attention_modes, dtypes, measure, precision, quantize_model, selection, streaming, unload
 
 CATEGORY = "VRAMKit"
 
@@ -64,14 +64,14 @@ class VRAMKitQuantize:
                 "tooltip": "Layers kept in high precision: globs on layer names (e.g. double_blocks.0.*) "
                            "separated by commas, plus <first> and <last> (the input and output layers). "
                            "'none' quantizes everything."}),
-            "compute_dtype": (list(quantize_model.COMPUTE_DTYPES), {
+            "compute_dtype": (list(dtypes.CHOICES), {
                 "default": "default",
                 "tooltip": "What the weights are dequantized to for the math; default keeps the model's."}),
         }}
 
     def run(self, model: Any, format: str, granularity: str, group_size: int, skip_patterns: str,
             compute_dtype: str) -> dict[str, Any]:
-        precision.check_bf16(model, quantize_model.compute_dtype(compute_dtype), "compute_dtype")
+        precision.check_bf16(model, dtypes.parse(compute_dtype, "compute_dtype"), "compute_dtype")
         out, report = quantize_model.quantize_model(model, format, granularity, group_size, skip_patterns,
                                                     compute_dtype)
         text = report.summary()
@@ -135,9 +135,9 @@ class VRAMKitOffload:
 
 class VRAMKitPrecision:
     DESCRIPTION = ("Sets how this model stores its weights and computes: fp32 (4 bytes a value), fp16 or bf16 "
-                   "(2 bytes; bf16 has fp32's range but needs an RTX 30 / Ampere or newer GPU). Weights in another "
-                   "dtype than the compute dtype are cast layer by layer as they run. default keeps what the "
-                   "model has.")
+                   "(2 bytes; bf16 has fp32's range). Weights in another dtype than the compute dtype are cast "
+                   "layer by layer as they run, so bf16 weights work on any GPU; computing in bf16 needs an "
+                   "RTX 30 / Ampere or newer. default keeps what the model has.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
@@ -147,10 +147,13 @@ class VRAMKitPrecision:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {}),
-            "weight_dtype": (list(precision.CHOICES), {"default": "default",
-                                                       "tooltip": "How the weights are stored."}),
-            "compute_dtype": (list(precision.CHOICES), {"default": "default",
-                                                        "tooltip": "What the math runs in."}),
+            "weight_dtype": (list(dtypes.CHOICES), {
+                "default": "default",
+                "tooltip": "How the weights are stored. bf16 works on any GPU: the weights are cast to the "
+                           "compute dtype as each layer runs."}),
+            "compute_dtype": (list(dtypes.CHOICES), {
+                "default": "default",
+                "tooltip": "What the math runs in. bf16 needs an RTX 30 / Ampere or newer GPU."}),
         }}
 
     def run(self, model: Any, weight_dtype: str, compute_dtype: str) -> dict[str, Any]:

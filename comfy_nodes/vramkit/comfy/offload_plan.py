@@ -1,12 +1,14 @@
 """What a VRAM budget will do to a model, before anything loads: the layers ComfyUI's legacy loader keeps
 resident and those it streams. The sizes are read from the patcher as ComfyUI's ``_load_list`` reads them
-(this clone's object patches included, e.g. quantized layers); the walk itself is the Rust planner's
-(`vramkit._core.plan_offload`, a port of ``ModelPatcher.load``)."""
+(this clone's object patches included, e.g. quantized layers, and the room its LoRA patches need); the walk
+itself is the Rust planner's (`vramkit._core.plan_offload`, a port of ``ModelPatcher.load``)."""
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from .. import _core
@@ -45,8 +47,23 @@ def buffer_rule() -> str:
     return "next_layers" if "for_dynamic" in inspect.signature(patcher._load_list).parameters else "multiply"
 
 
+def _patch_estimate(model: Any, module: Any, param: str, compute: Any) -> int:
+    """ComfyUI's ``low_vram_patch_estimate_vram`` for `param` of `module` as it will be once this clone's
+    object patches are installed: the scratch memory its loader reserves for merging a LoRA into a streamed
+    weight (0.3.7x: float32 x 3; 0.29+: the compute dtype, else the weight's, x 2). ComfyUI's own function is
+    called on a view of just that module, so each version's rule applies as it is."""
+    estimate = importlib.import_module("comfy.model_patcher").low_vram_patch_estimate_vram
+    view = SimpleNamespace(layer=module, manual_cast_dtype=compute)
+    return int(estimate(view, f"layer.{param}"))
+
+
 def loader_layers(model: Any, rule: str) -> list[tuple[str, int, int, bool]]:
-    """(name, bytes, cast bytes, streamable) for every layer ComfyUI's loader places, in name order."""
+    """(name, bytes, cast bytes, streamable) for every layer ComfyUI's loader places, in name order.
+
+    The cast bytes are ComfyUI's ``module_offload_mem``: the layer plus, for a weight or bias with patches
+    (a LoRA), the loader's estimate of merging them while streaming, and on 0.29+, for an unpatched one, the
+    compute-dtype copy of weights it must convert on the fly.
+    """
     mm = compat.model_management()
     compute = model.get_model_object("manual_cast_dtype")
     layers = []
@@ -60,10 +77,14 @@ def loader_layers(model: Any, rule: str) -> list[tuple[str, int, int, bool]]:
             continue
         size = int(mm.module_size(module))
         cast = size
-        if streamable and rule == "next_layers" and compute is not None:
-            # ComfyUI 0.29+ also counts the compute-dtype copy of weights it must convert on the fly.
-            for param in (getattr(module, "weight", None), getattr(module, "bias", None)):
-                if param is not None and (param.dtype != compute or compat.is_comfy_quantized(param)):
+        if streamable:
+            for pname in ("weight", "bias"):
+                if f"{name}.{pname}" in model.patches:
+                    cast += _patch_estimate(model, module, pname, compute)
+                    continue
+                param = getattr(module, pname, None)
+                if rule == "next_layers" and compute is not None and param is not None and (
+                        param.dtype != compute or compat.is_comfy_quantized(param)):
                     cast += param.numel() * compute.itemsize
         layers.append((name, size, cast, streamable))
     return sorted(layers)

@@ -3,7 +3,9 @@
 Storage: each ComfyUI op (Linear, Conv, norms, embeddings) gets a per-clone copy whose weights are in the
 requested dtype, and casts them on the fly; layers that are already quantized and raw parameters outside
 ComfyUI's ops keep theirs. Compute: ComfyUI's own ``set_model_compute_dtype`` (its ``manual_cast`` path).
-bf16 is refused, with the reason, on devices that cannot compute in it.
+A bf16 compute dtype is refused, with the reason, on devices that cannot compute in it (NVIDIA before
+Ampere, ...); bf16 *storage* only needs the device to hold bf16 tensors and cast them to the compute dtype,
+which every CUDA GPU does (ComfyUI runs bf16 checkpoints with an fp16/fp32 manual cast the same way).
 """
 
 from __future__ import annotations
@@ -14,13 +16,10 @@ from typing import Any
 
 import torch
 
-from . import compat, patch
+from . import compat, dtypes, patch
 
 log = logging.getLogger("vramkit.comfy")
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CHOICES = ("default", *DTYPES)
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _FP16_MAX = 65504.0
 _ROOT = "diffusion_model"
 
@@ -53,19 +52,35 @@ def bf16_problem(device: torch.device,
     return None
 
 
-def parse_dtype(name: str, input_name: str) -> torch.dtype | None:
-    if name not in CHOICES:
-        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(CHOICES)}")
-    return DTYPES.get(name)
+def bf16_storage_problem(device: torch.device) -> str | None:
+    """Why `device` cannot hold bf16 weights and cast them to fp16/fp32 as layers run, or None when it can."""
+    if device.type == "cpu":
+        return None
+    try:  # ask the device itself: storing and converting needs no bf16 arithmetic units
+        torch.ones(2, dtype=torch.bfloat16, device=device).to(torch.float16).sum().item()
+    except (RuntimeError, TypeError) as exc:
+        return f"{device} cannot hold bf16 tensors ({exc})"
+    return None
 
 
 def check_bf16(model: Any, dtype: torch.dtype | None, input_name: str) -> None:
+    """Refuses bf16 as a compute dtype where the load device cannot compute in it."""
     if dtype != torch.bfloat16:
         return
     device = compat.load_device(model)
     problem = bf16_problem(device)
     if problem is not None:
-        raise ValueError(f"{input_name} = bf16 refused: {problem}. Use fp16 (same memory; watch for overflow) "
+        raise ValueError(f"{input_name} = bf16 refused: {problem}. Compute in fp16 (watch for overflow) or fp32; "
+                         "storing the weights as bf16 (weight_dtype) still works there.")
+
+
+def check_bf16_storage(model: Any, dtype: torch.dtype | None, input_name: str = "weight_dtype") -> None:
+    """Refuses bf16 as a storage dtype only where the load device cannot even hold bf16 tensors."""
+    if dtype != torch.bfloat16:
+        return
+    problem = bf16_storage_problem(compat.load_device(model))
+    if problem is not None:
+        raise ValueError(f"{input_name} = bf16 refused: {problem}. Store the weights as fp16 (same memory) "
                          "or fp32.")
 
 
@@ -74,24 +89,16 @@ def current_compute_dtype(model: Any) -> torch.dtype:
     return patched if patched is not None else model.model_dtype()  # type: ignore[no-any-return]
 
 
-def _ops(model: Any) -> list[tuple[str, torch.nn.Module]]:
-    root = patch.original_module(model, _ROOT)
-    found = []
-    for name, _live in root.named_modules():
-        if not name:
-            continue
-        module = patch.original_module(model, f"{_ROOT}.{name}")
-        if hasattr(module, "comfy_cast_weights") and any(
-                p is not None for p in module._parameters.values()):
-            found.append((name, module))
-    return found
+def _ops(model: Any) -> list[patch.Layer]:
+    return [layer for layer in patch.layers(model, _ROOT)
+            if hasattr(layer.module, "comfy_cast_weights") and any(p is not None for p in layer.params.values())]
 
 
 def apply_precision(model: Any, storage: str = "default", compute: str = "default") -> tuple[Any, str]:
     """A clone of `model` storing its op weights as `storage` and computing in `compute`; and a summary."""
-    storage_dtype = parse_dtype(storage, "weight_dtype")
-    compute_dtype = parse_dtype(compute, "compute_dtype")
-    check_bf16(model, storage_dtype, "weight_dtype")
+    storage_dtype = dtypes.parse(storage, "weight_dtype")
+    compute_dtype = dtypes.parse(compute, "compute_dtype")
+    check_bf16_storage(model, storage_dtype, "weight_dtype")
     check_bf16(model, compute_dtype, "compute_dtype")
     out = patch.clone(model)
     notes: list[str] = []
@@ -100,27 +107,32 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
     if storage_dtype is not None:
         progress_ops = _ops(model)
         progress = compat.progress_bar(max(len(progress_ops), 1))
-        for name, module in progress_ops:
-            new_params: dict[str, torch.Tensor] = {}
-            for pname, param in module._parameters.items():
-                if param is None:
+        for layer in progress_ops:
+            name = layer.name
+            params = dict(layer.params)
+            changed = False
+            for pname, original in layer.params.items():
+                if original is None:
                     continue
-                if compat.is_comfy_quantized(param) or param.dtype not in _FLOATS:
+                if compat.is_comfy_quantized(original) or original.dtype not in dtypes.FLOATS.values():
                     kept += 1
                     continue
-                original = patch.pristine_weight(model, f"{_ROOT}.{name}", module) if pname == "weight" else param
                 if original.dtype == storage_dtype:
+                    params[pname] = original.to(compat.offload_device(model))
                     continue
-                if storage_dtype == torch.float16 and original.numel() and float(original.abs().max()) > _FP16_MAX:
-                    raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up to "
-                                     f"{float(original.abs().max()):.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 "
-                                     "or fp32")
-                new_params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
-                delta += new_params[pname].nbytes - original.nbytes
-            if new_params:
-                copy = patch.copy_module(module, parameters=new_params)
+                if storage_dtype == torch.float16 and original.numel():
+                    with torch.no_grad():  # parameters may require grad: no graph, no scalar warning
+                        largest = float(original.detach().abs().max())
+                    if largest > _FP16_MAX:
+                        raise ValueError(f"weight_dtype = fp16 would overflow: {name}.{pname} holds values up "
+                                         f"to {largest:.4g}, beyond fp16's {_FP16_MAX:.0f}; use bf16 or fp32")
+                params[pname] = original.to(device=compat.offload_device(model), dtype=storage_dtype)
+                delta += params[pname].nbytes - original.nbytes  # type: ignore[union-attr]
+                changed = True
+            if changed:
+                copy = patch.copy_module(layer.module, parameters=params, buffers=layer.buffers)
                 copy.comfy_cast_weights = True  # cast to the compute dtype on the fly
-                out.add_object_patch(f"{_ROOT}.{name}", copy)
+                patch.add_module_patch(out, f"{_ROOT}.{name}", copy)
                 converted += 1
             progress.update(1)
         if compute_dtype is None:

@@ -11,14 +11,12 @@ from typing import Any
 import torch
 
 from .. import quant
-from . import compat, layouts, patch, quantized_ops, selection
+from . import compat, dtypes, layouts, patch, quantized_ops, selection
 
 log = logging.getLogger("vramkit.comfy")
 
 NODE_FORMATS = ("int8", "fp8_e4m3fn", "fp8_e5m2")
 NODE_GRANULARITIES = ("group", "channel", "tensor")
-COMPUTE_DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OPS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _ROOT = "diffusion_model"
 
@@ -82,38 +80,28 @@ def validate_scheme(format: str, granularity: str, group_size: int) -> None:
                          f"got {group_size!r}")
 
 
-def compute_dtype(name: str, input_name: str = "compute_dtype") -> torch.dtype | None:
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"{input_name} {name!r} is not one of {', '.join(COMPUTE_DTYPES)}")
-    return COMPUTE_DTYPES[name]
-
-
-def _candidates(model: Any) -> tuple[list[tuple[str, torch.nn.Module]], dict[str, str], list[str]]:
-    """Quantizable layers (name inside the diffusion model, original module) in model order; layers that look
-    quantizable but cannot be, with the reason; and the names of the model's block lists."""
-    root = patch.original_module(model, _ROOT)
-    found: list[tuple[str, torch.nn.Module]] = []
+def _candidates(model: Any) -> tuple[list[patch.Layer], dict[str, str], list[str]]:
+    """Quantizable layers in model order (with their unpatched tensors); layers that look quantizable but
+    cannot be, with the reason; and the names of the model's block lists."""
+    found: list[patch.Layer] = []
     refused: dict[str, str] = {}
     lists: list[str] = []
-    for name, live in root.named_modules():
-        if not name:
-            continue
-        if isinstance(live, torch.nn.ModuleList):
+    for layer in patch.layers(model, _ROOT):
+        name, module, weight = layer.name, layer.module, layer.weight
+        if layer.is_list:
             lists.append(name)
-        module = patch.original_module(model, f"{_ROOT}.{name}")
         if not isinstance(module, _OPS):
             continue
         if quantized_ops.is_quantized_op(module):
             refused[name] = "already quantized by VRAMKit"
         elif not hasattr(module, "comfy_cast_weights"):
             refused[name] = "not a ComfyUI op (cannot dequantize on the fly)"
-        elif compat.is_comfy_quantized(module.weight):
+        elif compat.is_comfy_quantized(weight):
             refused[name] = "already quantized"
-        elif module.weight is None or module.weight.dtype not in _SOURCE_DTYPES:
-            dtype = None if module.weight is None else module.weight.dtype
-            refused[name] = f"stored as {dtype}"
+        elif weight is None or weight.dtype not in quant.SOURCE_DTYPES:
+            refused[name] = f"stored as {None if weight is None else weight.dtype}"
         else:
-            found.append((name, module))
+            found.append(layer)
     return found, refused, lists
 
 
@@ -127,7 +115,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
     """
     validate_scheme(format, granularity, group_size)
     rules = selection.parse_skip_patterns(skip_patterns)
-    dtype_override = compute_dtype(compute)
+    dtype_override = dtypes.parse(compute, "compute_dtype")
     route = route or quantized_ops.default_route()
     if route not in ("comfy", "module"):
         raise ValueError(f"route {route!r} is not 'comfy' or 'module'")
@@ -137,7 +125,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
     started = time.perf_counter()
     out = patch.clone(model)
     candidates, refused, lists = _candidates(model)
-    names = [n for n, _ in candidates]
+    names = [layer.name for layer in candidates]
     skips = selection.skip_reasons(names, rules, lists)
     route_label = (f"ComfyUI QuantizedTensor via {compat.quant_backend()}" if route == "comfy"
                    else "VRAMKit modules (this ComfyUI has no QuantizedTensor registry)"
@@ -146,8 +134,9 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
                             skipped=dict(refused), unmatched_patterns=selection.unmatched_globs(names, rules))
     offload = compat.offload_device(model)
     progress = compat.progress_bar(max(len(candidates), 1))
-    for name, module in candidates:
-        weight = patch.pristine_weight(model, f"{_ROOT}.{name}", module)
+    for layer in candidates:
+        name, weight = layer.name, layer.weight
+        assert weight is not None  # _candidates refuses layers without one
         if name in skips:
             report.skipped[name] = skips[name]
             report.skipped_bytes += weight.nbytes
@@ -160,8 +149,9 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
         q = quant.quantize(weight, format, layer_granularity, layer_group).to(offload)
         scheme = quantized_ops.Scheme(format, layer_granularity, layer_group, dtype_override or weight.dtype,
                                  route)  # type: ignore[arg-type]
-        stand_in = quantized_ops.quantized_copy(module, q, scheme)
-        out.add_object_patch(f"{_ROOT}.{name}", stand_in)
+        others = {k: None if t is None else t.to(offload) for k, t in layer.params.items() if k != "weight"}
+        stand_in = quantized_ops.quantized_copy(layer.module, q, scheme, others, layer.buffers)
+        patch.add_module_patch(out, f"{_ROOT}.{name}", stand_in)
         report.layouts[layouts.layout_name(stand_in.weight) if route == "comfy" else "VRAMKit module"] += 1
         report.quantized.append(name)
         report.bytes_before += weight.nbytes

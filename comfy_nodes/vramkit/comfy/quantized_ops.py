@@ -17,6 +17,7 @@ used); unloading restores the quantized original from ComfyUI's backup.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -49,16 +50,23 @@ def is_quantized_op(module: torch.nn.Module) -> bool:
     return isinstance(module, (_ComfyQuantizedOp, _OwnQuantizedOp))
 
 
-def quantized_copy(original: torch.nn.Module, q: quant.QTensor, scheme: Scheme) -> torch.nn.Module:
-    """A stand-in for `original` whose weight is `q` (the codes already on the device it should live on)."""
+def quantized_copy(original: torch.nn.Module, q: quant.QTensor, scheme: Scheme,
+                   parameters: Mapping[str, torch.Tensor | None],
+                   buffers: Mapping[str, torch.Tensor | None]) -> torch.nn.Module:
+    """A stand-in for `original` whose weight is `q` (the codes already on the device it should live on).
+
+    `parameters` and `buffers` are the original's unpatched tensors (`patch.pristine_tensors`); all but the
+    weight go into the stand-in as they are.
+    """
     if scheme.route == "comfy":
         cls = _stand_in_class(_ComfyQuantizedOp, type(original))
-        new = patch.copy_module(original, cls, parameters={"weight": layouts.comfy_weight(q, scheme.dtype)})
+        weight = layouts.comfy_weight(q, scheme.dtype)
+        new = patch.copy_module(original, cls, parameters={**parameters, "weight": weight}, buffers=buffers)
     else:
         assert q.scale is not None
         cls = _stand_in_class(_OwnQuantizedOp, type(original))
-        new = patch.copy_module(original, cls, parameters={"weight": layouts.storage_codes(q)},
-                                buffers={"weight_scale": q.scale})
+        new = patch.copy_module(original, cls, parameters={**parameters, "weight": layouts.storage_codes(q)},
+                                buffers={**buffers, "weight_scale": q.scale})
     new._vramkit_scheme = scheme
     return new
 

@@ -95,8 +95,11 @@ def clamp_resident(model: Any, budget: int) -> Iterator[None]:
 
     ComfyUI grows a model's resident part through ``partially_load(device, extra_memory)`` (and trims it when
     ``extra_memory`` is negative); the cap is applied to that one number, on this patcher object only, for
-    the duration of the load.
+    the duration of the load. An instance attribute of that name that was there before (another pack's
+    wrapper) is called through and put back afterwards.
     """
+    had_own = "partially_load" in vars(model)
+    previous = vars(model).get("partially_load")
     original = model.partially_load
 
     def partially_load(device_to: Any, extra_memory: float = 0, force_patch_weights: bool = False) -> Any:
@@ -107,7 +110,10 @@ def clamp_resident(model: Any, budget: int) -> Iterator[None]:
     try:
         yield
     finally:
-        del model.partially_load
+        if had_own:
+            model.partially_load = previous
+        else:
+            del model.partially_load
 
 
 def auto_budget(model: Any, noise_shape: Any, conds: Any) -> int | None:
