@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers import rel, sample
 
-from vramkit.comfy import attention_modes, compat, patch
+from vramkit.attention_override import is_vramkit_override
+from vramkit.comfy import compat, patch
 from vramkit.comfy.nodes import VRAMKitAttention
 
 COMFY_MODES = ["sdpa", "sub_quad", "split"]
@@ -41,7 +42,7 @@ def test_comfy_modes_match_sdpa_and_leave_input_untouched(tiny, kind, mode):
     reference = sample(attend(tiny, "sdpa"), kind)
     patched = attend(tiny, mode)
     assert patched is not tiny and patched.model is tiny.model
-    assert isinstance(patch.attention_override(patched), attention_modes.VRAMKitAttentionOverride)
+    assert is_vramkit_override(patch.attention_override(patched))
     assert patch.attention_override(tiny) is None
     out = sample(patched, kind)
     assert torch.equal(sample(tiny, kind), before)
@@ -58,7 +59,7 @@ def test_override_is_used_by_the_model(tiny, kind):
     assert recorder.backends == {compat.attention_function("split")}
     again = attend(patched, "sub_quad")  # re-running the node replaces VRAMKit's override, keeps the other
     override = patch.attention_override(again)
-    assert override.previous is recorder
+    assert override.vramkit_previous is recorder and override.vramkit_mode == "sub_quad"
     recorder.backends.clear()
     sample(again, kind)
     assert recorder.backends == {compat.attention_function("sub_quad")}

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..attention_override import ComfyOverride, make_backend_override
 from . import compat, patch
 
 log = logging.getLogger("vramkit.comfy")
@@ -51,35 +52,6 @@ def default_mode() -> str:
     return "auto" if vramkit_modes_available() else "sdpa"
 
 
-class VRAMKitAttentionOverride:
-    """The callable stored under ``optimized_attention_override``; remembers what it chains to."""
-
-    def __init__(self, mode: str, budget_bytes: int, previous: Callable[..., Any] | None,
-                 backend: Callable[..., Any] | None = None, inner: Callable[..., Any] | None = None) -> None:
-        self.mode = mode
-        self.budget_bytes = budget_bytes
-        self.previous = previous
-        self._backend = backend  # a ComfyUI backend: called like func
-        self._inner = inner  # a vramkit.attention override: called like an override (chains itself)
-
-    def __call__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        if self._inner is not None:
-            return self._inner(func, *args, **kwargs)
-        assert self._backend is not None
-        # kwargs carry ComfyUI's `_inside_attn_wrapper`, so calling a wrapped backend does not recurse.
-        if self.previous is not None:
-            return self.previous(self._backend, *args, **kwargs)
-        return self._backend(*args, **kwargs)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> VRAMKitAttentionOverride:
-        # Immutable; ComfyUI 0.3.7x deep-copies model_options on every clone, which need not copy this.
-        return self
-
-    def __repr__(self) -> str:
-        chained = "" if self.previous is None else f", chained to {patch.describe_callable(self.previous)}"
-        return f"VRAMKitAttentionOverride(mode={self.mode!r}{chained})"
-
-
 def _vramkit_override_factory() -> Callable[..., Any]:
     try:
         attention = importlib.import_module("vramkit.attention")
@@ -93,18 +65,18 @@ def _vramkit_override_factory() -> Callable[..., Any]:
     return factory  # type: ignore[no-any-return]
 
 
-def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | None
-                   ) -> VRAMKitAttentionOverride:
+def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | None) -> ComfyOverride:
+    """The override for `mode`, chained to `previous` by `vramkit.attention_override`'s contract: a foreign
+    override keeps running (with our mode as the backend it calls), an earlier VRAMKit one is replaced."""
     if mode in VRAMKIT_MODES:
-        inner = _vramkit_override_factory()(mode=mode, budget_bytes=budget_bytes, previous=previous)
-        return VRAMKitAttentionOverride(mode, budget_bytes, previous, inner=inner)
+        return _vramkit_override_factory()(mode=mode, budget_bytes=budget_bytes, previous=previous)
     if mode not in COMFY_BACKENDS:
         raise ValueError(f"attention mode {mode!r} is not one of {', '.join(available_modes())}")
     backend = compat.attention_function(COMFY_BACKENDS[mode])
     if backend is None:
         raise ValueError(f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}): "
                          f"its package is not installed; available: {', '.join(available_modes())}")
-    return VRAMKitAttentionOverride(mode, budget_bytes, previous, backend=backend)
+    return make_backend_override(backend, previous, name=mode)
 
 
 def budget_from_mb(mb: float, input_name: str = "memory_budget_mb") -> int:
@@ -119,11 +91,9 @@ def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple
     """A clone of `model` whose diffusion model uses attention `mode`; and a one-line summary."""
     budget = budget_from_mb(memory_budget_mb)
     out = patch.clone(model)
-    previous = patch.attention_override(out)
-    if isinstance(previous, VRAMKitAttentionOverride):
-        previous = previous.previous  # re-running the node replaces VRAMKit's own override, keeps others
-    override = build_override(mode, budget, previous)
+    override = build_override(mode, budget, patch.attention_override(out))
     patch.set_attention_override(out, override)
+    previous = override.vramkit_previous  # a foreign override that still runs (never an earlier VRAMKit one)
     text = f"Attention: {mode}"
     if mode in VRAMKIT_MODES:
         text += f", memory budget {'auto' if budget == 0 else f'{budget / 2**20:.0f} MB'}"
