@@ -45,7 +45,6 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import _core, attention_torch
@@ -53,6 +52,7 @@ from .attention_external import run_external, warn_once
 from .attention_measure import peak_bytes
 from .attention_plan import available_bytes, budget_for, choose_mode, plan
 from .attention_problem import DTYPES, Problem, needs_grad, prepare
+from .numpy_views import as_numpy
 
 MODES: tuple[str, ...] = ("auto", "sdpa", "chunked", "sliced", "sage", "flash", "xformers")
 EXTERNAL_MODES: tuple[str, ...] = ("sage", "flash", "xformers")
@@ -126,11 +126,6 @@ def last_kernel_stats() -> dict[str, Any] | None:
     return getattr(_local, "stats", None)
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.contiguous()
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
-
-
 def _rust(p: Problem, pl: dict[str, Any]) -> torch.Tensor:
     """The Rust kernel with the blocks of plan `pl`."""
     if p.heads_layout:
@@ -143,8 +138,8 @@ def _rust(p: Problem, pl: dict[str, Any]) -> torch.Tensor:
         # `prepare` collapsed expanded (stride-0) dims to size 1, which the kernel broadcasts: the copies
         # below hold the mask's distinct values only, never a full (B, H, Nq, Nk) tensor.
         m = p.mask if p.mask.dtype in (torch.bool, *DTYPES) else p.mask.float()
-        mask = _as_numpy(m)
-    out, stats = _core.attention(_as_numpy(q), _as_numpy(k), _as_numpy(v), heads, mask, p.scale,
+        mask = as_numpy(m)
+    out, stats = _core.attention(as_numpy(q), as_numpy(k), as_numpy(v), heads, mask, p.scale,
                                  block_q=pl["block_q"], block_kv=pl["block_kv"],
                                  heads_per_group=pl["heads_per_group"])
     _local.stats = stats

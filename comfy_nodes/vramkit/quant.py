@@ -30,6 +30,7 @@ import torch
 
 from . import _core
 from .errors import DtypeError
+from .numpy_views import as_numpy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -137,7 +138,7 @@ def error_stats(t: torch.Tensor, q: QTensor) -> dict[str, float]:
     if t.device.type == "cpu" and q.device.type == "cpu":
         t = t.contiguous()
         codes, scales = _rust_codes(q)
-        return dict(_core.error_stats(_as_numpy(t), codes, q.format, scales, q.block_len))
+        return dict(_core.error_stats(as_numpy(t), codes, q.format, scales, q.block_len))
     return _error_stats_torch(t, q)
 
 
@@ -227,13 +228,6 @@ def _scale_shape(shape: torch.Size, granularity: str, group_size: int | None) ->
 
 # --- the Rust path (CPU) ------------------------------------------------------------------------------------
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a contiguous CPU tensor; bfloat16 is viewed as its uint16 bits."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy()
-    return t.numpy()
-
-
 def _code_dtype(format: str) -> torch.dtype:
     return torch.int8 if format == "int8" else torch.uint8
 
@@ -241,10 +235,10 @@ def _code_dtype(format: str) -> torch.dtype:
 def _quantize_rust(t: torch.Tensor, format: str, granularity: str, group_size: int | None) -> QTensor:
     # The Rust core allocates the outputs (huge-page backed when large) and torch adopts them, no copy.
     if granularity == "none":
-        data = torch.from_numpy(_core.fp8_cast(_as_numpy(t), format))
+        data = torch.from_numpy(_core.fp8_cast(as_numpy(t), format))
         return QTensor(data, None, format, granularity, None, t.shape, t.dtype)
     block_len = _block_len(t.shape, granularity, group_size)
-    codes, scales = _core.quantize(_as_numpy(t), format, block_len)
+    codes, scales = _core.quantize(as_numpy(t), format, block_len)
     scale = torch.from_numpy(scales).reshape(_scale_shape(t.shape, granularity, group_size))
     return QTensor(torch.from_numpy(codes), scale, format, granularity, group_size, t.shape, t.dtype)
 
