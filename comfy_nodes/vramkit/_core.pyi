@@ -138,8 +138,9 @@ def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: in
     predicted peak extra bytes (upper bounds of the measured ones) and whether it fits. This low-level
     planner knows no device: 0 here means no limit. (`vramkit.attention` never asks it for "no limit" on
     CPU or CUDA: its `budget_bytes=None` or 0 is the memory free on the device, passed here in bytes.)
-    `threads` defaults to the rayon pool's size; `torch_threads` (torch's CPU threads, 0 for GPUs) sizes
-    the workspace of torch's half-precision CPU GEMMs; `engine` None plans for the most demanding engine."""
+    `threads` defaults to the rayon pool's size; `torch_threads` (torch's CPU threads, 0 for GPUs) is
+    recorded in the plan but changes no prediction (the torch paths' measured peaks did not depend on it);
+    `engine` None plans for the most demanding engine."""
 
 # --- offload planner (rust_src/plan/offload.rs) --------------------------------------------------------------
 

@@ -60,8 +60,9 @@ pub struct Request {
     pub budget_bytes: usize,
     /// Threads of the Rust kernel.
     pub threads: usize,
-    /// Threads of torch's CPU GEMMs (0 on GPUs): oneDNN's half-precision GEMM packs its right-hand
-    /// matrix per thread in torch-allocated memory, which the torch paths' predictions include.
+    /// Threads of torch's CPU GEMMs (0 on GPUs). Recorded with the plan for the caller's report; no
+    /// prediction uses it, since the torch paths' measured peaks (tests/test_plan_attention.py) did not
+    /// depend on it.
     pub torch_threads: usize,
     /// The Rust kernel's engine; `None` plans for the most demanding one.
     pub engine: Option<Engine>,
@@ -328,8 +329,8 @@ fn sizes_down_from(n: usize, min: usize) -> Vec<usize> {
 /// Peak extra bytes of attention slicing with `slice` (batch * head) pairs at a time
 /// (`attention_torch.sliced`), summing per pair: the q and k slices' copies (f32 for half inputs off CUDA,
 /// else the layout copies `matmul` makes: at most 4 bytes an element), v's layout copy, the f32 scores, a
-/// negated boolean mask, the f32 softmax, the probabilities in v's type, the product, the masked-row test;
-/// plus the CPU GEMM workspace of P V for half inputs (`gemm_workspace`). Saturates at `usize::MAX`.
+/// negated boolean mask, the f32 softmax, the probabilities in v's type, the product, the masked-row test.
+/// Saturates at `usize::MAX`.
 pub fn sliced_bytes(req: &Request, slice: usize) -> usize {
     let d = &req.dims;
     let e = req.dtype_bytes;
