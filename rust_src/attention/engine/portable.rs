@@ -150,14 +150,10 @@ fn qk_loop<const FMA: bool>(
             let mut r0 = 0;
             while r0 < rows {
                 let col = pi * PANEL + lane0;
-                match rows - r0 {
-                    1 => qk_tile::<1, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                    2 => qk_tile::<2, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                    3 => qk_tile::<3, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                    4 => qk_tile::<4, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                    5 => qk_tile::<5, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                    _ => qk_tile::<MR, FMA>(q, ldq, r0, d, kp, lane0, s, lds, col),
-                }
+                by_rows!(
+                    rows - r0,
+                    qk_tile[FMA](q, ldq, r0, d, kp, lane0, s, lds, col)
+                );
                 r0 += MR.min(rows - r0);
             }
         }
@@ -209,14 +205,10 @@ fn pv_loop<const FMA: bool>(
     for c0 in (0..dv_pad).step_by(LANES) {
         let mut r0 = 0;
         while r0 < rows {
-            match rows - r0 {
-                1 => pv_tile::<1, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-                2 => pv_tile::<2, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-                3 => pv_tile::<3, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-                4 => pv_tile::<4, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-                5 => pv_tile::<5, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-                _ => pv_tile::<MR, FMA>(p, ldp, r0, keys, v, dv_pad, c0, o, corr),
-            }
+            by_rows!(
+                rows - r0,
+                pv_tile[FMA](p, ldp, r0, keys, v, dv_pad, c0, o, corr)
+            );
             r0 += MR.min(rows - r0);
         }
     }

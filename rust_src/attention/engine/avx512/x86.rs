@@ -19,20 +19,6 @@ pub fn has_avx512() -> bool {
         && std::is_x86_feature_detected!("fma")
 }
 
-/// Instantiates `$tile::<R, ...>` for the `rows - r0` rows left (at most `MR`).
-macro_rules! by_rows {
-    ($left:expr, $tile:ident [$($c:tt),*] ($($arg:expr),*)) => {
-        match $left {
-            1 => $tile::<1, $($c),*>($($arg),*),
-            2 => $tile::<2, $($c),*>($($arg),*),
-            3 => $tile::<3, $($c),*>($($arg),*),
-            4 => $tile::<4, $($c),*>($($arg),*),
-            5 => $tile::<5, $($c),*>($($arg),*),
-            _ => $tile::<MR, $($c),*>($($arg),*),
-        }
-    };
-}
-
 /// Runs `$tile::<R, C>` over rows in groups of `MR` and value columns in groups of `C` vectors.
 macro_rules! by_rows_cols {
     ($rows:expr, $vecs:expr, |$r0:ident, $c0:ident| $tile:ident($($arg:expr),*)) => {{
