@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
 "$PYTHON" -m pip install --quiet --editable ".[test]"
-cargo test --release --quiet
+cargo test --release --workspace --quiet
 status=0
 "$PYTHON" -m pytest "$@" || status=$?
 # pytest exits 5 when it collected no test (e.g. a -k that matches nothing): not a failure here.

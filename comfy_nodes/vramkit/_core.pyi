@@ -17,6 +17,7 @@ Conventions shared by every function:
 """
 
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Literal, TypedDict
 
 import numpy as np
@@ -37,9 +38,6 @@ class ErrorStats(TypedDict):
 def simd_level() -> str:
     """The vector instruction set the kernels use on this CPU: "avx512", "avx2+fma+f16c" or "portable"
     (the environment variable VRAMKIT_SIMD=portable|avx2|avx512, read once, caps it)."""
-
-def copy_bytes(x: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
-    """The bytes of `x` copied into a new array allocated like every kernel output (a bandwidth roofline)."""
 
 def fp8_cast(x: FloatArray, fmt: Literal["fp8_e4m3fn", "fp8_e5m2"],
              out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
@@ -159,3 +157,13 @@ def plan_offload(bytes: Sequence[int], cast_bytes: Sequence[int], streamable: Se
     `ModelPatcher.load`): layers in name order, their weight bytes, the bytes to run them streamed, whether
     they can stream; `streams` is ComfyUI's NUM_STREAMS, `rule` its buffer sizing ("next_layers" since 0.29,
     "multiply" in 0.3.7x). A budget above `model_bytes` loads everything."""
+
+class _BenchModule(ModuleType):
+    """`_core._bench`: helpers for `vramkit bench` only (not part of the API)."""
+
+    @staticmethod
+    def copy_bytes(x: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+        """The bytes of `x` copied into a new array allocated like every kernel output (a bandwidth
+        roofline)."""
+
+_bench: _BenchModule

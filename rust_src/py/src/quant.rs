@@ -1,13 +1,13 @@
 //! Python bindings of `crate::quant`.
 
-use super::arrays::{extract_codes, fill_output, slice, FloatArray, OutBuf};
-use super::to_py_err;
-use super::usize_arg;
-use crate::quant::{self, Format};
+use crate::arrays::{extract_codes, fill_output, slice, FloatArray, OutBuf};
+use crate::to_py_err;
+use crate::usize_arg;
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use vramkit_core::quant::{self, Format};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fp8_cast, m)?)?;
@@ -91,7 +91,7 @@ fn quantize<'py>(
         let sc = scales.as_mut_slice("scales_out")?;
         with_float_slice!(x, "x", |s| py.detach(|| {
             if fresh {
-                crate::alloc::populate(c);
+                vramkit_core::alloc::populate(c);
             }
             quant::quantize(fmt, s, block_len, c, sc)
         }))

@@ -1,51 +1,32 @@
-//! The binding layer: converts numpy arrays to slices, releases the GIL around kernels, and maps
-//! `CoreError` to Python exceptions. No numerics live here.
+//! `vramkit._core`: the Python bindings of `vramkit-core`. This crate converts numpy arrays to slices,
+//! releases the GIL around kernels, and maps `CoreError` to Python exceptions; no numerics live here.
 
 mod arrays;
 mod attention;
-mod plan_offload;
+mod bench;
+mod plan;
 mod quant;
 
-use crate::error::CoreError;
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
+use vramkit_core::error::CoreError;
 
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
-    m.add_function(wrap_pyfunction!(copy_bytes, m)?)?;
     quant::register(m)?;
     attention::register(m)?;
-    plan_offload::register(m)?;
+    plan::register(m)?;
+    bench::register(m)?;
     Ok(())
 }
 
 /// The vector instruction set the kernels use on this CPU.
 #[pyfunction]
 fn simd_level() -> &'static str {
-    crate::simd::level().name()
-}
-
-/// A copy of the bytes of a C-contiguous array into a new uint8 array, allocated the way every kernel
-/// allocates its output: the bandwidth roofline `vramkit bench` compares the kernels with.
-#[pyfunction]
-fn copy_bytes<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
-    let bytes = x
-        .call_method1("view", ("uint8",))?
-        .call_method1("reshape", (-1,))?;
-    let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
-    let src = arrays::slice("x", &a)?;
-    arrays::fill_output(py, "out", None, &[src.len()], |dst| {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(crate::quant::TASK_ELEMS * 4)
-            .zip(src.par_chunks(crate::quant::TASK_ELEMS * 4))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        Ok(())
-    })
+    vramkit_core::simd::level().name()
 }
 
 /// An int argument in `min..=usize::MAX`. pyo3's own extraction raises OverflowError for negative or huge

@@ -13,6 +13,7 @@
 //! `scaled_dot_product_attention`: NaN in the inputs reaches the outputs it touches, a query row whose keys
 //! are all masked out gets zeros, and with no keys at all every row is zero.
 
+mod blocks;
 mod engine;
 mod exp;
 mod kernel;
@@ -21,6 +22,7 @@ pub mod scratch;
 #[cfg(test)]
 mod tests;
 
+pub use blocks::{default_blocks, preferred_blocks, Blocks};
 pub use engine::Engine;
 pub use mask::{Mask, MaskValues};
 
@@ -41,19 +43,6 @@ pub enum Layout {
 }
 
 impl Layout {
-    pub const NAMES: [&'static str; 2] = ["bhnd", "bnhd"];
-
-    pub fn parse(name: &str) -> CoreResult<Self> {
-        match name {
-            "bhnd" => Ok(Self::Bhnd),
-            "bnhd" => Ok(Self::Bnhd),
-            other => Err(value_err!(
-                "unknown layout {other:?}; accepted: {}",
-                Self::NAMES.join(", ")
-            )),
-        }
-    }
-
     /// Element offsets between consecutive batches, heads and tokens of a tensor with `heads` heads of
     /// `tokens` rows of `dim` contiguous elements.
     pub(crate) fn strides(self, heads: usize, tokens: usize, dim: usize) -> RowStrides {
@@ -116,52 +105,12 @@ impl Dims {
     }
 }
 
-/// How the work is cut: rows per query block, keys per key block (a multiple of `PANEL`), and how many
-/// (batch, head) pairs have their K and V packed at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Blocks {
-    pub block_q: usize,
-    pub block_kv: usize,
-    pub heads_per_group: usize,
-}
-
-impl Blocks {
-    pub fn check(&self) -> CoreResult<()> {
-        if self.block_q == 0 || self.heads_per_group == 0 {
-            return Err(value_err!(
-                "block_q and heads_per_group must be positive; got {self:?}"
-            ));
-        }
-        if self.block_kv == 0 || !self.block_kv.is_multiple_of(PANEL) {
-            return Err(value_err!(
-                "block_kv must be a positive multiple of {PANEL}; got {}",
-                self.block_kv
-            ));
-        }
-        Ok(())
-    }
-
-    /// The blocks the kernel really uses for `dims`: none larger than the problem.
-    pub fn clamped(&self, dims: &Dims) -> Blocks {
-        let bh = dims.batch.saturating_mul(dims.heads);
-        let kv_pad = dims
-            .kv_len
-            .checked_next_multiple_of(PANEL)
-            .unwrap_or(usize::MAX / PANEL * PANEL);
-        Blocks {
-            block_q: self.block_q.min(dims.q_len).max(1),
-            block_kv: self.block_kv.min(kv_pad.max(PANEL)),
-            heads_per_group: self.heads_per_group.min(bh).max(1),
-        }
-    }
-}
-
 /// Call options besides the tensors.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
     /// Softmax scale; `None` is `1 / sqrt(head_dim)`.
     pub scale: Option<f32>,
-    /// Block sizes; `None` asks the planner (`plan::attention::default_blocks`).
+    /// Block sizes; `None` takes `default_blocks` (the fastest; `plan::attention` picks them under a budget).
     pub blocks: Option<Blocks>,
     /// Engine; `None` picks the fastest one this CPU has for the input type (`Engine::auto`).
     pub engine: Option<Engine>,
@@ -267,7 +216,7 @@ pub fn attention<T: Element + OutElement>(
             b.check()?;
             b
         }
-        None => crate::plan::attention::default_blocks(dims, threads),
+        None => default_blocks(dims, threads),
     }
     .clamped(dims);
     let scale = opts

@@ -12,7 +12,7 @@
 //! Sizes come from callers (Python ints), so every byte count saturates at `usize::MAX` instead of wrapping
 //! (`Sat`): a size too large to represent is more than any budget, never a small number that "fits".
 
-use crate::attention::{kernel_bytes, Blocks, Dims, Engine, KernelBytes};
+use crate::attention::{kernel_bytes, preferred_blocks, Blocks, Dims, Engine, KernelBytes};
 use crate::error::CoreResult;
 use crate::value_err;
 use std::ops::{Add, Mul};
@@ -159,52 +159,6 @@ fn fit_word(ok: bool) -> &'static str {
 
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-/// The kernel's block sizes when memory is no concern: the first of `preferred_blocks`.
-pub fn default_blocks(dims: &Dims, threads: usize) -> Blocks {
-    preferred_blocks(dims, threads)[0]
-}
-
-/// Query block sizes, largest first. 128 rows is the default: on the 2-core Zen 5, 64 to 256 rows measured
-/// the same within the noise for 1024 to 16384 tokens, and smaller blocks only cost time (more passes
-/// over K and V per query); they exist for small budgets.
-const BLOCK_Q: [usize; 10] = [128, 96, 64, 48, 32, 16, 8, 4, 2, 1];
-/// Key block sizes, largest first (512 as torch's CPU flash kernel; 1024 measured no better).
-const BLOCK_KV: [usize; 4] = [512, 256, 128, 64];
-
-/// Candidate blocks for `dims`, fastest first (clamped to the problem, no duplicates): larger query blocks,
-/// then larger key blocks, then fewer heads packed at once. The first candidate packs enough heads for
-/// eight (head, query block) tasks per thread, so that every group keeps all threads busy.
-fn preferred_blocks(dims: &Dims, threads: usize) -> Vec<Blocks> {
-    let bh = dims.batch.saturating_mul(dims.heads).max(1);
-    let mut out: Vec<Blocks> = Vec::new();
-    for bq in BLOCK_Q {
-        for bk in BLOCK_KV {
-            let q_blocks = dims.q_len.max(1).div_ceil(bq);
-            let mut g = threads
-                .max(1)
-                .saturating_mul(8)
-                .div_ceil(q_blocks)
-                .clamp(1, bh);
-            loop {
-                let b = Blocks {
-                    block_q: bq,
-                    block_kv: bk,
-                    heads_per_group: g,
-                }
-                .clamped(dims);
-                if !out.contains(&b) {
-                    out.push(b);
-                }
-                if g == 1 {
-                    break;
-                }
-                g = g.div_ceil(2);
-            }
-        }
-    }
-    out
 }
 
 /// Plans every mode of an attention call under `req.budget_bytes`.
@@ -359,7 +313,7 @@ fn slices(req: &Request) -> Slices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::PANEL;
+    use crate::attention::{default_blocks, PANEL};
 
     fn req(budget: usize) -> Request {
         Request {

@@ -138,7 +138,7 @@ impl<'py, T: NpElement + bytemuck::Zeroable> OutBuf<'py, T> {
                 }
                 Ok(Self::Given(rw))
             }
-            None => crate::alloc::try_zeroed_vec(element_count(name, shape)?, name)
+            None => vramkit_core::alloc::try_zeroed_vec(element_count(name, shape)?, name)
                 .map(Self::Owned)
                 .map_err(super::to_py_err),
         }
@@ -186,14 +186,14 @@ pub fn fill_output<'py, T, F>(
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>>
 where
     T: NpElement + bytemuck::Zeroable + Send,
-    F: FnOnce(&mut [T]) -> crate::error::CoreResult<()> + Send,
+    F: FnOnce(&mut [T]) -> vramkit_core::error::CoreResult<()> + Send,
 {
     let mut buf = OutBuf::new(name, out, shape)?;
     let fresh = buf.is_fresh();
     let dst = buf.as_mut_slice(name)?;
     py.detach(|| {
         if fresh {
-            crate::alloc::populate(dst);
+            vramkit_core::alloc::populate(dst);
         }
         fill(dst)
     })

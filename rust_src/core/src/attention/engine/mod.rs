@@ -42,7 +42,7 @@ pub(super) mod portable;
 
 use super::type_err;
 use crate::error::CoreResult;
-use crate::quant::Element;
+use crate::quant::{Element, FloatType};
 
 /// Keys per packed K panel (and per V panel): four 16-lane vectors.
 pub const PANEL: usize = 64;
@@ -115,7 +115,7 @@ impl Engine {
 
     /// The fastest engine for inputs of type `T` on this CPU.
     pub fn auto<T: Element>() -> Self {
-        if T::NAME == "bfloat16" && Self::Avx512Bf16.is_supported() {
+        if T::TYPE == FloatType::Bf16 && Self::Avx512Bf16.is_supported() {
             Self::Avx512Bf16
         } else if Self::Avx512.is_supported() {
             Self::Avx512
@@ -137,7 +137,7 @@ impl Engine {
                     .join(", ")
             ));
         }
-        if self == Self::Avx512Bf16 && T::NAME != "bfloat16" {
+        if self == Self::Avx512Bf16 && T::TYPE != FloatType::Bf16 {
             return Err(type_err(format!(
                 "attention engine \"avx512-bf16\" takes bfloat16 inputs only; got {}",
                 T::NAME

@@ -15,7 +15,7 @@ pub mod element;
 mod kernels;
 mod parallel;
 
-pub use element::{Element, OutElement};
+pub use element::{Element, FloatType, OutElement};
 pub use kernels::{dequantize, error_stats, fp8_cast, quantize, ErrorStats};
 pub use parallel::TASK_ELEMS;
 

@@ -5,10 +5,19 @@
 use super::convert::{bf16_to_f32, f16_to_f32_fast, f32_to_bf16_bits, f32_to_f16_bits};
 use half::{bf16, f16};
 
+/// Which float type an element is, for choices made by type (the attention engine for bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FloatType {
+    F32,
+    F16,
+    Bf16,
+}
+
 /// A floating-point element the quantizers read.
 pub trait Element: Copy + Send + Sync + 'static {
     /// The name users know it by (`torch` spelling), for error messages.
     const NAME: &'static str;
+    const TYPE: FloatType;
     fn to_f32(self) -> f32;
 }
 
@@ -21,6 +30,7 @@ pub trait OutElement: Copy + Send + Sync + 'static {
 
 impl Element for f32 {
     const NAME: &'static str = "float32";
+    const TYPE: FloatType = FloatType::F32;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -29,6 +39,7 @@ impl Element for f32 {
 
 impl Element for f16 {
     const NAME: &'static str = "float16";
+    const TYPE: FloatType = FloatType::F16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16_to_f32_fast(self.to_bits())
@@ -37,6 +48,7 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const NAME: &'static str = "bfloat16";
+    const TYPE: FloatType = FloatType::Bf16;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16_to_f32(self.to_bits())

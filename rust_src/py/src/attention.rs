@@ -1,20 +1,18 @@
-//! Python bindings of `crate::attention` and `crate::plan::attention`.
+//! Python bindings of `vramkit_core::attention` (the kernel and its engines).
 
-use super::arrays::{describe, fill_output, slice, FloatArray};
-use super::{opt_usize_arg, to_py_err, usize_arg};
-use crate::attention::{
-    attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
-};
-use crate::plan::attention::{plan_attention as plan, Request};
+use crate::arrays::{describe, fill_output, slice, FloatArray};
+use crate::{opt_usize_arg, to_py_err};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use vramkit_core::attention::{
+    attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
+};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention_engines, m)?)?;
-    m.add_function(wrap_pyfunction!(plan_attention, m)?)?;
     Ok(())
 }
 
@@ -201,7 +199,7 @@ fn attention<'py>(
     let blocks = match (block_q, block_kv, heads_per_group) {
         (None, None, None) => None,
         (bq, bk, g) => {
-            let d = crate::plan::attention::default_blocks(&dims, rayon::current_num_threads());
+            let d = vramkit_core::attention::default_blocks(&dims, rayon::current_num_threads());
             Some(Blocks {
                 block_q: bq.unwrap_or(d.block_q),
                 block_kv: bk.unwrap_or(d.block_kv),
@@ -265,76 +263,4 @@ fn attention<'py>(
 #[pyfunction]
 fn attention_engines() -> Vec<&'static str> {
     Engine::supported().into_iter().map(|e| e.name()).collect()
-}
-
-#[pyfunction]
-#[pyo3(signature = (batch, heads, q_len, kv_len, head_dim, dtype_bytes, budget_bytes, *, v_head_dim=None,
-                    threads=None, torch_threads=None, engine=None))]
-#[allow(clippy::too_many_arguments)]
-fn plan_attention<'py>(
-    py: Python<'py>,
-    batch: &Bound<'py, PyAny>,
-    heads: &Bound<'py, PyAny>,
-    q_len: &Bound<'py, PyAny>,
-    kv_len: &Bound<'py, PyAny>,
-    head_dim: &Bound<'py, PyAny>,
-    dtype_bytes: &Bound<'py, PyAny>,
-    budget_bytes: &Bound<'py, PyAny>,
-    v_head_dim: Option<&Bound<'py, PyAny>>,
-    threads: Option<&Bound<'py, PyAny>>,
-    torch_threads: Option<&Bound<'py, PyAny>>,
-    engine: Option<&str>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let batch = usize_arg("batch", batch, 0)?;
-    let heads = usize_arg("heads", heads, 0)?;
-    let q_len = usize_arg("q_len", q_len, 0)?;
-    let kv_len = usize_arg("kv_len", kv_len, 0)?;
-    let head_dim = usize_arg("head_dim", head_dim, 0)?;
-    let dtype_bytes = usize_arg("dtype_bytes", dtype_bytes, 0)?;
-    let budget_bytes = usize_arg("budget_bytes", budget_bytes, 0)?;
-    let v_head_dim = opt_usize_arg("v_head_dim", v_head_dim, 0)?;
-    let threads = opt_usize_arg("threads", threads, 0)?;
-    let torch_threads = opt_usize_arg("torch_threads", torch_threads, 0)?;
-    let engine = match engine {
-        Some(name) => Engine::parse(name).map_err(to_py_err)?,
-        None => None,
-    };
-    let req = Request {
-        dims: Dims {
-            batch,
-            heads,
-            q_len,
-            kv_len,
-            head_dim,
-            v_head_dim: v_head_dim.unwrap_or(head_dim),
-        },
-        dtype_bytes,
-        budget_bytes,
-        threads: threads.unwrap_or_else(rayon::current_num_threads),
-        torch_threads: torch_threads.unwrap_or(0),
-        engine,
-    };
-    let p = plan(&req).map_err(to_py_err)?;
-    let d = PyDict::new(py);
-    d.set_item("budget_bytes", req.budget_bytes)?;
-    d.set_item("block_q", p.blocks.block_q)?;
-    d.set_item("block_kv", p.blocks.block_kv)?;
-    d.set_item("heads_per_group", p.blocks.heads_per_group)?;
-    d.set_item("threads", req.threads)?;
-    d.set_item("torch_threads", req.torch_threads)?;
-    d.set_item("engine", p.engine.map(|e| e.name()))?;
-    d.set_item("kernel_peak_bytes", p.kernel.total)?;
-    d.set_item("kernel_per_thread_bytes", p.kernel.per_thread)?;
-    d.set_item("kernel_packed_kv_bytes", p.kernel.packed_kv)?;
-    d.set_item("kernel_fits", p.kernel_fits())?;
-    d.set_item("chunk_q", p.torch.chunk_q)?;
-    d.set_item("chunk_kv", p.torch.chunk_kv)?;
-    d.set_item("torch_peak_bytes", p.torch.peak_bytes)?;
-    d.set_item("torch_fits", p.torch_fits())?;
-    d.set_item("slice", p.sliced.slice)?;
-    d.set_item("sliced_peak_bytes", p.sliced.peak_bytes)?;
-    d.set_item("sliced_fits", p.sliced_fits())?;
-    d.set_item("scores_bytes", p.scores_bytes)?;
-    d.set_item("summary", p.summary())?;
-    Ok(d)
 }
