@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-import vramkit.attention_external
-from vramkit import _core, attention_torch
+import vramkit._log
+import vramkit.attention.external
+from vramkit import _core
 from vramkit.attention import attention, measure_mode, prepare
+from vramkit.attention import torch_paths as attention_torch
 
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 DTYPES = list(TOL)
@@ -361,7 +363,7 @@ def test_cuda_modes_match_float64(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
 def test_external_modes_fall_back_with_one_warning(mode: str, caplog: pytest.LogCaptureFixture,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    monkeypatch.setattr(vramkit._log, "_warned", set())
     q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float32)
     with caplog.at_level(logging.WARNING, logger="vramkit"):
         for _ in range(3):
@@ -396,7 +398,7 @@ REFUSALS = {
 @pytest.mark.parametrize("mode", ["sage", "flash", "xformers"])
 def test_external_kernels_that_refuse_a_call_fall_back_with_one_warning(
         mode: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    monkeypatch.setattr(vramkit._log, "_warned", set())
     calls: list[int] = []
 
     def refuse(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -408,9 +410,9 @@ def test_external_kernels_that_refuse_a_call_fall_back_with_one_warning(
     out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
     with caplog.at_level(logging.WARNING, logger="vramkit"):
         for _ in range(3):
-            assert vramkit.attention_external.run_external(p, mode, out4) is False
+            assert vramkit.attention.external.run_external(p, mode, out4) is False
         # Through `attention`, with the CUDA check waived for these CPU tensors: the "auto" choice runs.
-        monkeypatch.setattr(vramkit.attention_external, "_unusable", lambda p, mode: None)
+        monkeypatch.setattr(vramkit.attention.external, "_unusable", lambda p, mode: None)
         q, k, v, _ = qkv((1, 2, 30, 40, 16, 16), torch.float16)
         assert rel_err(attention(q, k, v, mode=mode), reference(q, k, v)) < TOL[torch.float16]
     assert len(calls) == 4 and bool((out4 == 0).all())
@@ -423,7 +425,7 @@ def test_external_kernels_that_refuse_a_call_fall_back_with_one_warning(
 @pytest.mark.parametrize(("d", "dv"), [(64, 32), (320, 320), (288, 64)])
 def test_flash_is_not_called_with_head_dims_it_lacks(d: int, dv: int, caplog: pytest.LogCaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    monkeypatch.setattr(vramkit._log, "_warned", set())
     calls: list[int] = []
 
     def flash(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -433,7 +435,7 @@ def test_flash_is_not_called_with_head_dims_it_lacks(d: int, dv: int, caplog: py
     _fake_backends(monkeypatch, flash)
     out4 = torch.zeros(1, 2, 8, dv, dtype=torch.float16)
     with caplog.at_level(logging.WARNING, logger="vramkit"):
-        assert vramkit.attention_external.run_external(_cuda_like(d, dv), "flash", out4) is False
+        assert vramkit.attention.external.run_external(_cuda_like(d, dv), "flash", out4) is False
     assert calls == []
     assert "at most 256" in caplog.text and f"q/k {d}, v {dv}" in caplog.text
 
@@ -451,7 +453,7 @@ def test_a_working_external_kernel_writes_the_output(mode: str, monkeypatch: pyt
     _fake_backends(monkeypatch, kernel)
     p = _cuda_like()
     out4 = torch.zeros(1, 2, 8, 64, dtype=torch.float16)
-    assert vramkit.attention_external.run_external(p, mode, out4) is True
+    assert vramkit.attention.external.run_external(p, mode, out4) is True
     assert rel_err(out4, reference(p.q, p.k, p.v)) < TOL[torch.float16]
 
 

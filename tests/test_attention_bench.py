@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vramkit.bench import attention as bench
+from vramkit.cli.bench import attention as bench
 
 
 def test_the_sub_quad_stand_in_is_attention_with_and_without_key_chunks() -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vramkit.attention import ComfyOverride, is_vramkit_override, make_backend_override, make_comfy_override
-from vramkit.attention_override import foreign_previous
+from vramkit.comfy.attention_override import foreign_previous
 
 B, H, NQ, NK, D = 2, 4, 37, 29, 16
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from vramkit import cli, demo, demo_model, quant
+from vramkit import cli, quant
+from vramkit.cli import demo, demo_model
 from vramkit.qmodules import QuantizedLinear, quantize_linears
 
 
@@ -54,7 +55,7 @@ def test_demo_refuses_nonsense() -> None:
 
 
 def test_bench_quant_prints_every_kernel_with_ratios() -> None:
-    from vramkit.bench import quant as bench_quant
+    from vramkit.cli.bench import quant as bench_quant
 
     table = bench_quant.run(elements=1 << 16, repeats=1)
     body = table.splitlines()[3:]

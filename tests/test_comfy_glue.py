@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import vramkit.comfy
-from vramkit.comfy import attention_modes, measure, nodes, precision, streaming
+from vramkit.comfy import attention_modes, measure, nodes, precision
+from vramkit.comfy import budget as streaming
 
 NODE_IDS = ["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
             "VRAMKitMeasure", "VRAMKitReport"]
@@ -160,7 +161,7 @@ def test_measurements_are_found_by_the_latent_they_produced():
 
 
 def test_free_after_refuses_a_string():
-    from vramkit.comfy import unload
+    from vramkit.comfy import offload_encoders as unload
 
     with pytest.raises(TypeError, match="vae must be a ComfyUI CLIP or VAE"):
         unload.patcher_of("ae.safetensors", "vae")

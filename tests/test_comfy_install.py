@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vramkit import cli, install
+from vramkit import cli
+from vramkit.cli import install
 from vramkit.comfy import NODE_CLASS_MAPPINGS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,9 +14,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from vramkit import _core, attention_torch
+from vramkit import _core
 from vramkit.attention import attention, measure_mode, plan, prepare
-from vramkit.attention_measure import peak_bytes
+from vramkit.attention import torch_paths as attention_torch
+from vramkit.attention.measure import peak_bytes
 
 CASES = [
     # (batch, heads, q_len, kv_len, head_dim, v_head_dim, dtype, heads_layout, mask)
@@ -125,13 +126,13 @@ def test_auto_follows_the_budget() -> None:
 def test_none_and_0_mean_the_free_memory_everywhere(budget: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """budget_bytes None or 0 = the memory free on the device, for plan, choose_mode, "chunked" on CPU (the
     Rust kernel's blocks are planned under it) and the ComfyUI override's 0."""
-    import vramkit.attention_plan
+    import vramkit.attention.planner
     from vramkit.attention import choose_mode, last_kernel_stats, make_comfy_override
 
     q, k, v, heads, mask = make(CASES[0])
     p = prepare(q, k, v, heads, mask, None)
     free = 300 << 10
-    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: free)
+    monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: free)
     pl = plan(p, budget)
     assert pl["budget_bytes"] == free and pl == plan(p, free)
     unlimited = _core.plan_attention(1, 8, 1024, 1024, 64, 4, 0)
@@ -146,12 +147,12 @@ def test_none_and_0_mean_the_free_memory_everywhere(budget: int | None, monkeypa
     assert blocks(last_kernel_stats()) == want
     attention(q, k, v, heads, mask, mode="auto", budget_bytes=budget)
     assert blocks(last_kernel_stats()) == want
-    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: 1000)
+    monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: 1000)
     assert choose_mode(p, budget) == choose_mode(p, 1000)  # nothing fits 1000 bytes: the smallest plan
-    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: 64 << 30)
+    monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: 64 << 30)
     assert choose_mode(p, budget) == "chunked"
 
-    monkeypatch.setattr(vramkit.attention_plan, "available_bytes", lambda device: free)
+    monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: free)
     flat = [t.transpose(1, 2).reshape(1, 1024, 8 * 64) for t in (q, k, v)]
     make_comfy_override("chunked", budget_bytes=0)(lambda *a, **kw: None, *flat, 8)
     assert blocks(last_kernel_stats()) == want
@@ -159,9 +160,9 @@ def test_none_and_0_mean_the_free_memory_everywhere(budget: int | None, monkeypa
 
 def test_no_mode_fits_is_logged_once_per_shape_and_budget(caplog: pytest.LogCaptureFixture,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import vramkit.attention_external
+    import vramkit._log
 
-    monkeypatch.setattr(vramkit.attention_external, "_warned", set())
+    monkeypatch.setattr(vramkit._log, "_warned", set())
     q, k, v, heads, mask = make(CASES[0])
     small = q[:, :, :100]
 

@@ -1,9 +1,10 @@
 """VRAMKit: run diffusion models that do not fit your GPU.
 
-Plain torch APIs: FP8/INT8 weight quantization (`vramkit.quant`, and `vramkit.qmodules` for whole models) and
-memory-efficient attention (`vramkit.attention`). ComfyUI nodes live in `vramkit.comfy`, imported only inside
-ComfyUI; they add per-model offloading, precision and measurement. The numeric core and the planners
-(attention chunk sizes, which layers stay on the GPU) are the Rust extension `vramkit._core`.
+Plain torch APIs: FP8/INT8 weight quantization (`vramkit.quant`, with `vramkit.quant.modules` for whole
+models) and memory-efficient attention (`vramkit.attention`). ComfyUI nodes live in `vramkit.comfy`, the only
+package that knows ComfyUI; they add per-model offloading, precision and measurement. `vramkit.cli` is the
+command line. The numeric core and the planners (attention chunk sizes, which layers stay on the GPU) are the
+Rust extension `vramkit._core`. ARCHITECTURE.md (repository root) maps the whole tree.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Exception types shared by the package."""
+"""Exception types shared by the package, and the wording of their messages."""
+
+from __future__ import annotations
+
+import torch
 
 
 class DtypeError(TypeError, ValueError):
@@ -7,3 +11,8 @@ class DtypeError(TypeError, ValueError):
     It is both a TypeError (the usual exception for a wrong type) and a ValueError (what callers that
     validate "bad input" often catch), so either ``except`` clause handles it.
     """
+
+
+def dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    """Dtypes as users write them in an error message: "float32, float16, bfloat16"."""
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import rel, sample
 
-from vramkit.attention_override import is_vramkit_override
 from vramkit.comfy import compat, patch
+from vramkit.comfy.attention_override import is_vramkit_override
 from vramkit.comfy.nodes import VRAMKitAttention
 
 COMFY_MODES = ["sdpa", "sub_quad", "split"]

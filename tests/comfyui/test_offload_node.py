@@ -7,7 +7,8 @@ import pytest
 import torch
 from helpers import sample
 
-from vramkit.comfy import compat, streaming
+from vramkit.comfy import budget as streaming
+from vramkit.comfy import compat
 from vramkit.comfy.nodes import VRAMKitOffload
 
 MB = 2**20

@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..attention_override import ComfyOverride, make_backend_override
 from . import compat, patch
+from .attention_override import ComfyOverride, describe_callable, make_backend_override
+from .budget import budget_bytes
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -79,17 +80,9 @@ def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | 
     return make_backend_override(backend, previous, name=mode)
 
 
-def budget_from_mb(mb: float, input_name: str = "memory_budget_mb") -> int:
-    if isinstance(mb, bool) or not isinstance(mb, (int, float)):
-        raise TypeError(f"{input_name} must be a number of MB, got {type(mb).__name__}")
-    if mb < 0:
-        raise ValueError(f"{input_name} must be 0 (auto) or a positive number of MB, got {mb}")
-    return int(mb * 2**20)
-
-
 def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple[Any, str]:
     """A clone of `model` whose diffusion model uses attention `mode`; and a one-line summary."""
-    budget = budget_from_mb(memory_budget_mb)
+    budget = budget_bytes(memory_budget_mb, "MB", "memory_budget_mb")
     out = patch.clone(model)
     override = build_override(mode, budget, patch.attention_override(out))
     patch.set_attention_override(out, override)
@@ -100,7 +93,7 @@ def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple
     elif budget:
         text += " (the memory budget applies to auto/chunked/sliced only; ComfyUI sizes its own chunks)"
     if previous is not None:
-        text += (f". Another attention override was already set ({patch.describe_callable(previous)}); it "
+        text += (f". Another attention override was already set ({describe_callable(previous)}); it "
                  f"still runs and now calls {mode} as its backend")
     log.info("VRAMKit %s", text)
     return out, text + "."

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -23,6 +24,14 @@ QuantBackend = Literal["comfy_kitchen", "comfy_quant_ops", "none"]
 
 #: The ``transformer_options`` key ComfyUI's attention backends consult (since 0.3.64).
 ATTENTION_OVERRIDE_KEY = "optimized_attention_override"
+
+#: Per-load state ComfyUI's loader puts on op instances (0.29+ adds the ``_v*``, ``_prefetch`` and
+#: ``_pin_state`` ones); a fresh copy of a module must not inherit another clone's.
+LOAD_STATE = frozenset({
+    "comfy_cast_weights", "prev_comfy_cast_weights", "comfy_force_cast_weights", "comfy_patched_weights",
+    "weight_function", "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key",
+    "_v", "_v_weight", "_v_bias", "_v_signature", "_prefetch", "_pin_state",
+})
 
 
 @functools.cache
@@ -69,6 +78,10 @@ def is_dynamic(patcher: Any) -> bool:
 
 def model_management() -> Any:
     return importlib.import_module("comfy.model_management")
+
+
+def sampler_helpers() -> Any:
+    return importlib.import_module("comfy.sampler_helpers")
 
 
 def wrappers_mp() -> Any:
@@ -118,6 +131,36 @@ def describe() -> str:
 
 def torch_device(device: Any) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(device)
+
+
+@functools.cache
+def offload_buffer_rule() -> str:
+    """How the legacy loader sizes its streaming buffer: "next_layers" (0.29+: from the next layers in
+    flight, its ``_load_list`` takes ``for_dynamic``) or "multiply" (0.3.7x: one layer's cost, multiplied)."""
+    params = inspect.signature(model_patcher_class()._load_list).parameters
+    return "next_layers" if "for_dynamic" in params else "multiply"
+
+
+def quantized_parts(t: Any) -> tuple[torch.Tensor, Any]:
+    """The codes and the layout parameters of a ComfyUI QuantizedTensor, the parameters readable as a
+    mapping (``p["scale"]``): comfy-kitchen (0.29+) keeps a Params dataclass, 0.3.7x a dict."""
+    params = getattr(t, "_params", None)
+    if params is not None:
+        return t._qdata, _AttrMapping(params)
+    return t._qdata, t._layout_params
+
+
+class _AttrMapping:
+    def __init__(self, obj: Any) -> None:
+        self._obj = obj
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self._obj, name)
+
+
+def quantized_layout_name(t: Any) -> str:
+    """The layout name of a ComfyUI QuantizedTensor (``_layout_cls`` on 0.29+, ``_layout_type`` on 0.3.7x)."""
+    return str(getattr(t, "_layout_cls", None) or getattr(t, "_layout_type", None))
 
 
 def model_patcher_class() -> type:

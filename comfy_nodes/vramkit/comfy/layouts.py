@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .. import quant
-from ..quant import _TORCH_FP8
+from ..quant import TORCH_FP8 as _TORCH_FP8
 from . import compat
 
 LAYOUT_NAME = "VRAMKitBlockScaledLayout"
@@ -61,11 +61,8 @@ def _quantize(tensor: torch.Tensor, format: str, granularity: str, group_size: i
 def _scheme(weight: Any) -> tuple[torch.Tensor, torch.Tensor, str, str, int]:
     """Codes, scale, format, granularity and group size of a VRAMKitBlockScaledLayout tensor (either
     version's QuantizedTensor)."""
-    params = getattr(weight, "_params", None)
-    if params is not None:  # comfy-kitchen: a Params dataclass
-        return weight._qdata, params.scale, params.format, params.granularity, params.group_size
-    p = weight._layout_params  # 0.3.7x: a dict
-    return weight._qdata, p["scale"], p["format"], p["granularity"], p["group_size"]
+    qdata, p = compat.quantized_parts(weight)
+    return qdata, p["scale"], p["format"], p["granularity"], p["group_size"]
 
 
 def _weight_for(input: torch.Tensor, weight: Any) -> torch.Tensor:
@@ -234,8 +231,7 @@ def comfy_weight(q: quant.QTensor, dtype: torch.dtype) -> torch.Tensor:
 
 def layout_name(t: torch.Tensor) -> str:
     """The layout of a ComfyUI QuantizedTensor (either version's attribute name)."""
-    name = getattr(t, "_layout_cls", None) or getattr(t, "_layout_type", None)
-    return str(name)
+    return compat.quantized_layout_name(t)
 
 
 def dequantize(t: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import attention_modes, dtypes, measure, precision, quantize_model, selection, streaming, unload
+from . import attention_modes, budget, dtypes, measure, offload_encoders, precision, quantize_model, selection
 
 CATEGORY = "VRAMKit"
 
@@ -124,12 +124,12 @@ class VRAMKitOffload:
             "model": ("MODEL", {"tooltip": "The diffusion model to stream."}),
             "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
                                          "tooltip": "Most VRAM this model's weights may take; 0 = auto."}),
-            "engine": (list(streaming.ENGINES), {
+            "engine": (list(budget.ENGINES), {
                 "default": "comfy", "tooltip": "comfy: ComfyUI's per-layer streaming, held to the budget."}),
         }}
 
     def run(self, model: Any, vram_budget_gb: float, engine: str) -> dict[str, Any]:
-        out, text = streaming.apply_offload(model, vram_budget_gb, engine)
+        out, text = budget.apply_offload(model, vram_budget_gb, engine)
         return _with_text(text, out, text)
 
 
@@ -178,7 +178,7 @@ class VRAMKitFreeAfter:
                              "vae": ("VAE", {"tooltip": "VAE to move out of VRAM."})}}
 
     def run(self, anything: Any, clip: Any = None, vae: Any = None) -> dict[str, Any]:
-        return _with_text(unload.free_models({"clip": clip, "vae": vae}), anything)
+        return _with_text(offload_encoders.free_models({"clip": clip, "vae": vae}), anything)
 
 
 class VRAMKitMeasure:

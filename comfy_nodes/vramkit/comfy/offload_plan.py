@@ -6,7 +6,6 @@ itself is the Rust planner's (`vramkit._core.plan_offload`, a port of ``ModelPat
 from __future__ import annotations
 
 import importlib
-import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -39,12 +38,6 @@ class OffloadPlan:
             text += (" (the budget does not cover that buffer plus one layer, so every layer streams: the "
                      "least VRAM and the slowest steps, like --novram)")
         return text
-
-
-def buffer_rule() -> str:
-    """ComfyUI 0.29+ sizes the buffer from the next layers in flight; 0.3.7x multiplies one layer's cost."""
-    patcher = compat.model_patcher_class()
-    return "next_layers" if "for_dynamic" in inspect.signature(patcher._load_list).parameters else "multiply"
 
 
 def _patch_estimate(model: Any, module: Any, param: str, compute: Any) -> int:
@@ -91,7 +84,7 @@ def loader_layers(model: Any, rule: str) -> list[tuple[str, int, int, bool]]:
 
 
 def plan(model: Any, budget_bytes: int) -> OffloadPlan:
-    rule = buffer_rule()
+    rule = compat.offload_buffer_rule()
     layers = loader_layers(model, rule)
     result = _core.plan_offload([b for _, b, _, _ in layers], [c for _, _, c, _ in layers],
                                 [s for _, _, _, s in layers], int(budget_bytes), int(model.model_size()),

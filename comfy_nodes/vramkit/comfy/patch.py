@@ -22,13 +22,6 @@ log = logging.getLogger("vramkit.comfy")
 
 KEY_PREFIX = "vramkit"
 
-#: Per-load state ComfyUI's loader puts on op instances; a fresh copy must not inherit another clone's.
-LOAD_STATE = frozenset({
-    "comfy_cast_weights", "prev_comfy_cast_weights", "comfy_force_cast_weights", "comfy_patched_weights",
-    "weight_function", "bias_function", "weight_lowvram_function", "bias_lowvram_function", "seed_key",
-    "_v", "_v_weight", "_v_bias", "_v_signature", "_prefetch", "_pin_state",
-})
-
 
 def key(name: str) -> str:
     return f"{KEY_PREFIX}.{name}"
@@ -136,7 +129,7 @@ def copy_module(original: torch.nn.Module, cls: type | None = None, *,
                          f"missing: {', '.join(sorted(missing))}")
     cls = cls or type(original)
     new = cls.__new__(cls)
-    state = {k: v for k, v in original.__dict__.items() if k not in LOAD_STATE}
+    state = {k: v for k, v in original.__dict__.items() if k not in compat.LOAD_STATE}
     new.__dict__.update({k: (type(v)(v) if isinstance(v, (dict, set)) else v) for k, v in state.items()})
     new._parameters = {name: None if tensor is None else torch.nn.Parameter(tensor, requires_grad=False)
                        for name, tensor in parameters.items()}
@@ -184,9 +177,3 @@ def attention_override(model: Any) -> Callable[..., Any] | None:
 
 def set_attention_override(model: Any, override: Callable[..., Any]) -> None:
     transformer_options(model)[compat.ATTENTION_OVERRIDE_KEY] = override
-
-
-def describe_callable(fn: object) -> str:
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    module = getattr(fn, "__module__", None) or type(fn).__module__
-    return f"{module}.{name}"

@@ -15,7 +15,6 @@ Engines: only ``comfy`` exists today; VRAMKit's own block streamer will be a sec
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ log = logging.getLogger("vramkit.comfy")
 ENGINES = ("comfy",)
 ENGINE_LABELS = {"comfy": "ComfyUI per-layer streaming"}
 GB = 1024**3
+#: The largest budget a node accepts (more memory than any device has).
+_MAX_BUDGET_GB = 4096
 WRAPPER_NAME = "offload"
 
 
@@ -42,15 +43,22 @@ class LoadRecord:
     note: str = ""
 
 
+def budget_bytes(amount: float, unit: str, input_name: str) -> int:
+    """A node's memory budget input (`amount` of "MB" or "GB") in bytes; 0 means auto. A value that is not a
+    number, negative, or more memory than any device has gets a clear error naming `input_name`."""
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)):
+        raise TypeError(f"{input_name} must be a number of {unit}, got {type(amount).__name__}")
+    if amount < 0:
+        raise ValueError(f"{input_name} must be 0 (auto) or a positive number of {unit}, got {amount}")
+    size = {"MB": 2**20, "GB": GB}[unit]
+    if amount * size > _MAX_BUDGET_GB * GB:
+        raise ValueError(f"{input_name} = {amount} {unit} is more memory than any device has; 0 means auto")
+    return int(amount * size)
+
+
 def budget_from_gb(gb: float, input_name: str = "vram_budget_gb") -> int | None:
-    """The budget in bytes; None for 0 (auto). Negative or absurd values get a clear error."""
-    if isinstance(gb, bool) or not isinstance(gb, (int, float)):
-        raise TypeError(f"{input_name} must be a number of GB, got {type(gb).__name__}")
-    if gb < 0:
-        raise ValueError(f"{input_name} must be 0 (auto) or a positive number of GB, got {gb}")
-    if gb > 4096:
-        raise ValueError(f"{input_name} = {gb} GB is more memory than any device has; 0 means auto")
-    return None if gb == 0 else int(gb * GB)
+    """The offload node's budget in bytes; None for 0 (auto)."""
+    return budget_bytes(gb, "GB", input_name) or None
 
 
 class BudgetedPrepareSampling:
@@ -126,7 +134,7 @@ def auto_budget(model: Any, noise_shape: Any, conds: Any) -> int | None:
     if device.type == "cpu":
         return None
     mm = compat.model_management()
-    helpers = importlib.import_module("comfy.sampler_helpers")
+    helpers = compat.sampler_helpers()
     memory_required, _minimum = helpers.estimate_memory(model, noise_shape, conds)
     free = mm.get_free_memory(device) + (model.loaded_size() if is_loaded(model) else 0)
     return max(0, int(free - memory_required - mm.minimum_inference_memory()))
@@ -163,8 +171,3 @@ def summary(model: Any, budget: int | None, engine: str) -> str:
     if device.type == "cpu":
         text += " (This device is the CPU: the weights are in RAM either way.)"
     return text
-
-
-def loaded_fraction(model: Any) -> float:
-    size = model.model_size()
-    return float(model.loaded_size()) / size if size else 1.0

@@ -6,7 +6,7 @@ Modes (the attention modes of the VRAM guide; they are alternatives, pick one):
   them).
 - ``"chunked"``: memory-efficient attention. On CPU tensors, the Rust kernel (`vramkit._core.attention`:
   query and key blocks with an online softmax, faster than torch's SDPA on AVX-512 CPUs); on other devices
-  the same math with torch ops over chunks of queries and keys (`attention_torch.chunked`). Block sizes
+  the same math with torch ops over chunks of queries and keys (`torch_paths.chunked`). Block sizes
   (CPU) and chunk sizes (other devices) come from the planner (`vramkit._core.plan_attention`) under the
   budget: the largest, fastest ones whose predicted extra memory fits it (the smallest if none does).
 - ``"sliced"``: attention slicing, the last resort: a few (batch, head) pairs at a time, each with its
@@ -47,19 +47,17 @@ from typing import Any
 
 import torch
 
-from . import _core, attention_torch
-from .attention_external import run_external, warn_once
-from .attention_measure import peak_bytes
-from .attention_plan import available_bytes, budget_for, choose_mode, plan
-from .attention_problem import DTYPES, Problem, needs_grad, prepare
-from .numpy_views import as_numpy
+from .. import _core
+from .._arrays import as_numpy
+from . import torch_paths
+from .external import run_external, warn_once
+from .measure import peak_bytes
+from .planner import choose_mode, plan
+from .problem import DTYPES, Problem, needs_grad, prepare
 
 MODES: tuple[str, ...] = ("auto", "sdpa", "chunked", "sliced", "sage", "flash", "xformers")
 EXTERNAL_MODES: tuple[str, ...] = ("sage", "flash", "xformers")
 
-__all__ = ["DTYPES", "MODES", "ComfyOverride", "Problem", "attention", "available_bytes", "budget_for",
-           "choose_mode", "is_vramkit_override", "last_kernel_stats", "make_backend_override",
-           "make_comfy_override", "measure_mode", "plan", "prepare"]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None,
@@ -102,7 +100,7 @@ def _run(p: Problem, mode: str, budget_bytes: int | None) -> torch.Tensor:
         mode = "sdpa"
     if mode == "sdpa":
         out, out4 = p.new_output()
-        attention_torch.sdpa(p.q, p.k, p.v, p.mask, p.scale, p.upcast, out4)
+        torch_paths.sdpa(p.q, p.k, p.v, p.mask, p.scale, p.upcast, out4)
         return out
     if pl is None:
         pl = plan(p, budget_bytes)
@@ -110,9 +108,9 @@ def _run(p: Problem, mode: str, budget_bytes: int | None) -> torch.Tensor:
         return _rust(p, pl)
     out, out4 = p.new_output()
     if mode == "chunked":
-        attention_torch.chunked(p.q, p.k, p.v, p.mask, p.scale, out4, pl["chunk_q"], pl["chunk_kv"])
+        torch_paths.chunked(p.q, p.k, p.v, p.mask, p.scale, out4, pl["chunk_q"], pl["chunk_kv"])
     else:
-        attention_torch.sliced(p.q, p.k, p.v, p.mask, p.scale, out4, pl["slice"])
+        torch_paths.sliced(p.q, p.k, p.v, p.mask, p.scale, out4, pl["slice"])
     return out
 
 
@@ -180,10 +178,3 @@ def measure_mode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str, *
         del res
     return statistics.median(times), extra
 
-
-from .attention_override import (  # noqa: E402  (it calls back into this module)
-    ComfyOverride,
-    is_vramkit_override,
-    make_backend_override,
-    make_comfy_override,
-)

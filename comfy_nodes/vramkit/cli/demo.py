@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from . import attention, demo_model
+from .. import attention
+from ..quant.modules import quantize_linears
+from . import demo_model
 from .bench.timing import format_table
-from .qmodules import quantize_linears
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Scheme:
+class DemoScheme:
     label: str
     format: str
     granularity: str
@@ -33,13 +34,13 @@ class Scheme:
 
 
 SCHEMES = [
-    Scheme("fp8_e4m3fn cast (ComfyUI --fp8_e4m3fn-unet)", "fp8_e4m3fn", "none"),
-    Scheme("fp8_e5m2 cast (ComfyUI --fp8_e5m2-unet)", "fp8_e5m2", "none"),
-    Scheme("fp8_e4m3fn per-tensor scale", "fp8_e4m3fn", "tensor"),
-    Scheme("fp8_e4m3fn per-channel scale", "fp8_e4m3fn", "channel"),
-    Scheme("int8 per-tensor (ComfyUI int8_tensorwise)", "int8", "tensor"),
-    Scheme("int8 per-channel", "int8", "channel"),
-    Scheme("int8 group-64 (VRAMKit default)", "int8", "group", 64),
+    DemoScheme("fp8_e4m3fn cast (ComfyUI --fp8_e4m3fn-unet)", "fp8_e4m3fn", "none"),
+    DemoScheme("fp8_e5m2 cast (ComfyUI --fp8_e5m2-unet)", "fp8_e5m2", "none"),
+    DemoScheme("fp8_e4m3fn per-tensor scale", "fp8_e4m3fn", "tensor"),
+    DemoScheme("fp8_e4m3fn per-channel scale", "fp8_e4m3fn", "channel"),
+    DemoScheme("int8 per-tensor (ComfyUI int8_tensorwise)", "int8", "tensor"),
+    DemoScheme("int8 per-channel", "int8", "channel"),
+    DemoScheme("int8 group-64 (VRAMKit default)", "int8", "group", 64),
 ]
 
 

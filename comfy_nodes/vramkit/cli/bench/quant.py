@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _core, quant
-from ..numpy_views import as_numpy
+from ... import _core, quant
+from ..._arrays import as_numpy
 from .timing import format_table, measure
 
 log = logging.getLogger(__name__)

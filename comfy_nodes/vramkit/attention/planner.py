@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from . import _core
-from .attention_external import log_once
-from .attention_problem import Problem
+from .. import _core
+from .._log import log_once
+from .problem import Problem
 
 log = logging.getLogger("vramkit.attention")
 
@@ -103,6 +103,6 @@ def choose_mode(p: Problem, budget_bytes: int | None = None, pl: dict[str, Any] 
     # Once per call shape and requested budget: a model makes the same call hundreds of times per image.
     key = ("no mode fits", p.device.type, str(p.q.dtype), p.batch, p.heads, p.q_len, p.kv_len, p.head_dim,
            p.v_head_dim, p.mask is not None, p.upcast, budget_bytes or None)
-    log_once(key, "attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
+    log_once(log, key, "attention: no mode fits the budget of %.1f MiB (predicted: %s); using %s", budget / 2**20,
              ", ".join(f"{m} {predicted[m] / 2**20:.1f} MiB" for m in order), smallest)
     return smallest

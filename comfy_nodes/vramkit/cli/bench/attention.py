@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _core
-from ..attention import attention, available_bytes, last_kernel_stats
-from ..attention_measure import peak_bytes
+from ... import _core
+from ...attention import attention, available_bytes, last_kernel_stats
+from ...attention.measure import peak_bytes
 from .timing import format_table
 
 log = logging.getLogger(__name__)

@@ -40,20 +40,14 @@ from typing import Any
 
 import torch
 
+from .._log import log_once
+from ..attention.api import MODES, attention
+from ..attention.problem import DTYPES
+
 log = logging.getLogger(__name__)
 
 Backend = Callable[..., torch.Tensor]
 Override = Callable[..., torch.Tensor]
-
-_logged: set[str] = set()
-
-
-def _log_once(reason: str, func: Backend) -> None:
-    if reason not in _logged:
-        _logged.add(reason)
-        name = getattr(func, "__name__", type(func).__name__)
-        log.info("vramkit attention: delegating to %s for %s (not supported here)", name, reason)
-
 
 class ComfyOverride:
     """A ComfyUI ``optimized_attention_override`` made by `make_comfy_override` or `make_backend_override`
@@ -83,7 +77,9 @@ class ComfyOverride:
 
     def __repr__(self) -> str:
         budget = "" if self.vramkit_budget_bytes is None else f", budget_bytes={self.vramkit_budget_bytes}"
-        chained = "" if self.vramkit_previous is None else f", chained to {_name(self.vramkit_previous)}"
+        chained = ""
+        if self.vramkit_previous is not None:
+            chained = f", chained to {describe_callable(self.vramkit_previous, with_module=False)}"
         return f"ComfyOverride(mode={self.vramkit_mode!r}{budget}{chained})"
 
 
@@ -97,8 +93,6 @@ def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: 
     earlier VRAMKit one is replaced: see the module docs). Calls this attention does not support go to
     ComfyUI's `func`.
     """
-    from .attention import MODES
-
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
@@ -118,7 +112,7 @@ def make_backend_override(backend: Backend, previous: Override | None = None, na
     if not callable(backend):
         raise TypeError(f"backend must be a ComfyUI attention function (a callable); got {backend!r}")
     _check_previous(previous)
-    label = name if name is not None else _name(backend)
+    label = name if name is not None else describe_callable(backend, with_module=False)
     return ComfyOverride(label, None, previous, lambda func: backend)
 
 
@@ -139,8 +133,14 @@ def _check_previous(previous: object) -> None:
         raise TypeError(f"previous must be the model's earlier override (a callable) or None; got {previous!r}")
 
 
-def _name(fn: object) -> str:
-    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__)
+def describe_callable(fn: object, *, with_module: bool = True) -> str:
+    """How a callable (an override, a backend) is named in summaries and reprs: ``module.qualname``, or the
+    qualified name alone."""
+    name = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__qualname__)
+    if not with_module:
+        return name
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{module}.{name}"
 
 
 def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:
@@ -150,7 +150,8 @@ def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:
                 skip_reshape: bool = False, skip_output_reshape: bool = False, **kwargs: Any) -> torch.Tensor:
         reason = _unsupported(q, k, v, heads, mask, skip_reshape)
         if reason is not None:
-            _log_once(reason, func)
+            log_once(log, ("delegate", reason), "vramkit attention: delegating to %s for %s (not supported here)",
+                     getattr(func, "__name__", type(func).__name__), reason, level=logging.INFO)
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
         return run(q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape,
@@ -161,8 +162,6 @@ def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:
 
 
 def _unsupported(q: Any, k: Any, v: Any, heads: int, mask: Any, skip_reshape: bool) -> str | None:
-    from .attention import DTYPES
-
     if not all(type(t) is torch.Tensor for t in (q, k, v)):
         return "inputs that are not plain torch tensors"
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -210,8 +209,6 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: tor
         attn_precision: torch.dtype | None, skip_reshape: bool, skip_output_reshape: bool,
         scale: float | None, mode: str, budget_bytes: int | None) -> torch.Tensor:
     """Our attention on ComfyUI's layouts (inputs already checked by `_unsupported`)."""
-    from .attention import attention
-
     m4 = None if mask is None else _comfy_mask(mask)
     if skip_reshape:
         out = attention(q, k, v, None, m4, scale, mode, budget_bytes=budget_bytes, attn_precision=attn_precision)

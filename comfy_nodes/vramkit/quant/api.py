@@ -1,7 +1,8 @@
 """FP8 and INT8 weight quantization of torch tensors.
 
-CPU tensors go through the Rust core (`vramkit._core`) without copies; tensors on other devices use torch
-ops with exactly the same math, so both paths give the same bits (the tests prove it on CPU).
+CPU tensors go through the Rust core (`vramkit._core`) without copies; tensors on other devices use the torch
+twin (`torch_math`) with exactly the same math, so both paths give the same bits (the tests prove it on CPU).
+The format tables live in `formats`.
 
 Exact semantics, reproducible anywhere:
 
@@ -21,34 +22,21 @@ weights too).
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import _core
-from .errors import DtypeError
-from .numpy_views import as_numpy
+from .. import _core
+from .._arrays import as_numpy
+from ..errors import DtypeError, dtype_names
+from . import torch_math
+from .formats import DEFAULT_GROUP_SIZE, FORMATS, GRANULARITIES, OUTPUT_DTYPES, SOURCE_DTYPES, block_len, scale_shape
 
 if TYPE_CHECKING:
     import numpy as np
 
-Format = Literal["fp8_e4m3fn", "fp8_e5m2", "int8"]
-Granularity = Literal["none", "tensor", "channel", "group"]
-
-FORMATS: tuple[str, ...] = ("fp8_e4m3fn", "fp8_e5m2", "int8")
-GRANULARITIES: tuple[str, ...] = ("none", "tensor", "channel", "group")
-#: The largest magnitude each format's scaled blocks are mapped onto.
-FORMAT_MAX: dict[str, float] = {"fp8_e4m3fn": 448.0, "fp8_e5m2": 57344.0, "int8": 127.0}
-#: Input dtypes the quantizers accept.
-SOURCE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
-#: Dtypes `QTensor.dequantize` can produce (float64 is the exact float32 result, widened).
-OUTPUT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-DEFAULT_GROUP_SIZE = 64
-
-_TORCH_FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _RUST_OUT_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -70,7 +58,7 @@ class QTensor:
     @property
     def block_len(self) -> int:
         """How many consecutive elements (row-major) share one scale."""
-        return _block_len(self.shape, self.granularity, self.group_size)
+        return block_len(self.shape, self.granularity, self.group_size)
 
     @property
     def device(self) -> torch.device:
@@ -93,7 +81,7 @@ class QTensor:
         """``(data as float32 * scale).to(dtype)``, on `device` (default: where the codes are)."""
         dtype = self.dtype if dtype is None else dtype
         if dtype not in OUTPUT_DTYPES:
-            raise DtypeError(f"cannot dequantize to {dtype}; accepted: {_names(OUTPUT_DTYPES)}")
+            raise DtypeError(f"cannot dequantize to {dtype}; accepted: {dtype_names(OUTPUT_DTYPES)}")
         target = self.data.device if device is None else torch.device(device)
         if target.type == "cpu" and self.data.device.type == "cpu":
             return _dequantize_rust(self, dtype)
@@ -126,6 +114,14 @@ def quantize(t: torch.Tensor, format: str, granularity: str | None = None,
     return _quantize_torch(t, format, granularity, group_size)
 
 
+def dequantize(q: QTensor, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+               ) -> torch.Tensor:
+    """`q` back to floats: ``q.dequantize(dtype, device)`` (see `QTensor.dequantize`)."""
+    if not isinstance(q, QTensor):
+        raise TypeError(f"expected a vramkit.quant.QTensor, got {type(q).__name__}")
+    return q.dequantize(dtype, device)
+
+
 def error_stats(t: torch.Tensor, q: QTensor) -> dict[str, float]:
     """How far `q` is from `t`: ``{"max_abs", "rmse", "snr_db"}`` of ``q.dequantize(float32) - t``.
 
@@ -143,28 +139,16 @@ def error_stats(t: torch.Tensor, q: QTensor) -> dict[str, float]:
 
 
 def _error_stats_torch(t: torch.Tensor, q: QTensor) -> dict[str, float]:
-    deq = q.dequantize(torch.float32, device=t.device).double()
-    ref = t.double()
-    err = deq - ref
-    sum_err = float((err * err).sum())
-    return {
-        "max_abs": float(err.abs().max()),
-        "rmse": math.sqrt(sum_err / t.numel()),
-        "snr_db": math.inf if sum_err == 0 else 10 * math.log10(float((ref * ref).sum()) / sum_err),
-    }
+    return torch_math.error_stats(t, q.dequantize(torch.float32, device=t.device))
 
 
 # --- validation -------------------------------------------------------------------------------------------
-
-def _names(dtypes: tuple[torch.dtype, ...]) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-
 
 def _check_tensor(t: object) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SOURCE_DTYPES:
-        raise DtypeError(f"cannot quantize a {t.dtype} tensor; accepted dtypes: {_names(SOURCE_DTYPES)}")
+        raise DtypeError(f"cannot quantize a {t.dtype} tensor; accepted dtypes: {dtype_names(SOURCE_DTYPES)}")
     if t.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(t.shape)})")
     if t.device.type == "meta":
@@ -207,39 +191,15 @@ def _resolve_granularity(t: torch.Tensor, format: str, granularity: str | None,
     return granularity, group_size
 
 
-def _block_len(shape: torch.Size, granularity: str, group_size: int | None) -> int:
-    numel = math.prod(shape)
-    if granularity in ("none", "tensor"):
-        return numel
-    if granularity == "channel":
-        return numel // shape[0]
-    assert group_size is not None
-    return group_size
-
-
-def _scale_shape(shape: torch.Size, granularity: str, group_size: int | None) -> tuple[int, ...]:
-    if granularity == "tensor":
-        return ()
-    if granularity == "channel":
-        return (shape[0],)
-    assert group_size is not None
-    return (shape[0], math.prod(shape[1:]) // group_size)
-
-
 # --- the Rust path (CPU) ------------------------------------------------------------------------------------
-
-def _code_dtype(format: str) -> torch.dtype:
-    return torch.int8 if format == "int8" else torch.uint8
-
 
 def _quantize_rust(t: torch.Tensor, format: str, granularity: str, group_size: int | None) -> QTensor:
     # The Rust core allocates the outputs (huge-page backed when large) and torch adopts them, no copy.
     if granularity == "none":
         data = torch.from_numpy(_core.fp8_cast(as_numpy(t), format))
         return QTensor(data, None, format, granularity, None, t.shape, t.dtype)
-    block_len = _block_len(t.shape, granularity, group_size)
-    codes, scales = _core.quantize(as_numpy(t), format, block_len)
-    scale = torch.from_numpy(scales).reshape(_scale_shape(t.shape, granularity, group_size))
+    codes, scales = _core.quantize(as_numpy(t), format, block_len(t.shape, granularity, group_size))
+    scale = torch.from_numpy(scales).reshape(scale_shape(t.shape, granularity, group_size))
     return QTensor(torch.from_numpy(codes), scale, format, granularity, group_size, t.shape, t.dtype)
 
 
@@ -259,44 +219,15 @@ def _dequantize_rust(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
     return out if rust_dtype == dtype else out.to(dtype)
 
 
-# --- the torch path (CUDA and other devices; the same math) -------------------------------------------------
+# --- the torch path (CUDA and other devices; the same math: `torch_math`) -----------------------------------
 
 def _quantize_torch(t: torch.Tensor, format: str, granularity: str, group_size: int | None) -> QTensor:
     if granularity == "none":
-        data = t.to(_TORCH_FP8[format]).view(torch.uint8)
-        return QTensor(data, None, format, granularity, None, t.shape, t.dtype)
-    block_len = _block_len(t.shape, granularity, group_size)
-    blocks = t.float().reshape(-1, block_len)
-    amax = blocks.abs().amax(dim=1)
-    bad = ~torch.isfinite(amax)
-    if bool(bad.any()):
-        block = int(bad.nonzero()[0, 0])
-        offset = int((~torch.isfinite(blocks[block])).nonzero()[0, 0])
-        value = float(blocks[block, offset])
-        raise ValueError(f"the tensor holds {value} at flat index {block * block_len + offset}; a {format} "
-                         'scale needs finite values (replace NaN/Inf, or use granularity "none" for fp8, '
-                         "which casts them as torch does)")
-    fmt_max = FORMAT_MAX[format]
-    scale = amax / fmt_max
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    scaled = blocks / scale[:, None]
-    if format == "int8":
-        data = torch.round(scaled).clamp(-127, 127).to(torch.int8)
-    else:
-        data = scaled.clamp(-fmt_max, fmt_max).to(_TORCH_FP8[format]).view(torch.uint8)
-    return QTensor(data.reshape(t.shape), scale.reshape(_scale_shape(t.shape, granularity, group_size)),
-                   format, granularity, group_size, t.shape, t.dtype)
-
-
-def _codes_as_float(q: QTensor) -> torch.Tensor:
-    if q.format == "int8":
-        return q.data.float()
-    return q.data.view(_TORCH_FP8[q.format]).float()
+        return QTensor(torch_math.cast_fp8(t, format), None, format, granularity, None, t.shape, t.dtype)
+    data, scale = torch_math.quantize_blocks(t, format, block_len(t.shape, granularity, group_size))
+    return QTensor(data, scale.reshape(scale_shape(t.shape, granularity, group_size)), format, granularity,
+                   group_size, t.shape, t.dtype)
 
 
 def _dequantize_torch(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
-    values = _codes_as_float(q)
-    if q.scale is None:
-        return values.to(dtype)
-    blocks = values.reshape(-1, q.block_len) * q.scale.to(torch.float32).reshape(-1, 1)
-    return blocks.reshape(q.shape).to(dtype)
+    return torch_math.dequantize(q.data, q.format, q.scale, q.block_len, dtype)

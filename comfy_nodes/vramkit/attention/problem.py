@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DtypeError
+from ..errors import DtypeError, dtype_names
 
 #: dtypes of q, k and v that every mode accepts.
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,10 +71,6 @@ class Problem:
         return out, out
 
 
-def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-
-
 def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None, mask: torch.Tensor | None,
             scale: float | None, attn_precision: torch.dtype | None = None) -> Problem:
     """Checks a call and returns it as (B, H, N, D) views; raises ValueError/TypeError (DtypeError for
@@ -83,7 +79,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
         if t.dtype not in DTYPES:
-            raise DtypeError(f"{name} has dtype {t.dtype}; accepted dtypes: {_dtype_names(DTYPES)}")
+            raise DtypeError(f"{name} has dtype {t.dtype}; accepted dtypes: {dtype_names(DTYPES)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise DtypeError(f"q, k and v must have the same dtype; got {q.dtype}, {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -13,7 +13,7 @@ per chunk of queries, an f32 running max, weight sum and accumulator over chunks
 
 Their memory is what `vramkit._core.plan_attention` predicts ("torch_peak_bytes", "sliced_peak_bytes"):
 each tensor created in the loops below is one term of `torch_chunk_bytes` / `sliced_bytes` in
-`rust_src/plan/attention.rs`. Keep the two in step (tests/test_plan_attention.py measures them).
+`rust_src/core/src/plan/attention.rs`. Keep the two in step (tests/test_plan_attention.py measures them).
 """
 
 from __future__ import annotations

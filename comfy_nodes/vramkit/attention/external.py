@@ -4,31 +4,19 @@ usable for a call; otherwise one warning per reason, and the caller falls back."
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 
 import torch
 
-from .attention_problem import Problem
+from .._log import log_once
+from .problem import Problem
 
 log = logging.getLogger("vramkit.attention")
 
 
-_warned: set[Hashable] = set()
-
-
-def log_once(key: Hashable, msg: str, *args: object) -> None:
-    """Logs `msg % args` as a warning the first time `key` is seen in this process, and at debug level
-    after that (attention runs hundreds of times per image: a warning per call would flood the log)."""
-    if key in _warned:
-        log.debug(msg, *args)
-        return
-    _warned.add(key)
-    log.warning(msg, *args)
-
-
 def warn_once(mode: str, reason: str, instead: str = "the 'auto' choice") -> None:
     """Says once per (mode, reason) that `mode` cannot run and what runs instead."""
-    log_once(("unavailable", mode, reason), "attention mode %r unavailable (%s); using %s instead", mode, reason,
+    log_once(log, ("unavailable", mode, reason), "attention mode %r unavailable (%s); using %s instead", mode, reason,
              instead)
 
 
