@@ -1,0 +1,376 @@
+"""The GPU check's measurements, one function per section; each returns table rows.
+
+A row is ``{"check": str, "result": str, "ok": bool | None}`` (None: information, no verdict). Plain sections
+(no ComfyUI) run in the check's process; ComfyUI sections run in a child process per memory manager:
+``python sections.py SECTION MANAGER`` prints ``ROW: {json}`` lines (see check.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Row = dict[str, Any]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+MiB = 1 << 20
+
+
+def device() -> str:
+    import torch
+
+    forced = os.environ.get("VRAMKIT_GPU_CHECK_DEVICE")
+    if forced:
+        return forced
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def header(dev: str, seconds: float) -> str:
+    import torch
+
+    import vramkit
+
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (dry run)"
+    comfy = os.environ.get("COMFYUI_PATH", "")
+    version = ""
+    if comfy and (Path(comfy) / "comfyui_version.py").is_file():
+        text = (Path(comfy) / "comfyui_version.py").read_text()
+        version = text.split("__version__ =")[-1].strip().strip("\"'")
+    return (f"GPU check: {name}; torch {torch.__version__}; vramkit {vramkit.__version__}; "
+            f"ComfyUI {version or 'not used'}; {seconds:.0f} s")
+
+
+def markdown(rows: list[Row], header: str) -> str:
+    verdict = {True: "ok", False: "FAIL", None: ""}
+    lines = [header, "", "| check | result | verdict |", "|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['check']} | {r['result']} | {verdict[r.get('ok')]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _guard(name: str, fn: Callable[[], list[Row]]) -> list[Row]:
+    try:
+        return fn()
+    except Exception as exc:
+        traceback.print_exc()
+        return [{"check": name, "result": f"error: {type(exc).__name__}: {exc}", "ok": False}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plain sections
+
+
+def quant_bits(dev: str) -> list[Row]:
+    """Quantize on the CPU (Rust) and on `dev` (the torch twin): codes, scales and dequantized values must be
+    the same bits, for every format and granularity, on every 16-bit pattern for the plain fp8 cast."""
+    import torch
+
+    from vramkit import quant
+
+    rows: list[Row] = []
+    g = torch.Generator().manual_seed(0)
+    every16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
+    cases: list[tuple[str, torch.Tensor, str, str | None]] = []
+    for fmt in ("fp8_e4m3fn", "fp8_e5m2"):
+        cases.append((f"{fmt} none, all f16 patterns", every16.view(torch.float16).reshape(256, 256), fmt, "none"))
+        cases.append((f"{fmt} none, all bf16 patterns", every16.view(torch.bfloat16).reshape(256, 256), fmt,
+                      "none"))
+        bits = torch.randint(-(1 << 31), (1 << 31) - 1, (1 << 20,), generator=g, dtype=torch.int64)
+        cases.append((f"{fmt} none, 1M random f32 patterns", bits.to(torch.int32).view(torch.float32)
+                      .reshape(1024, 1024), fmt, "none"))
+    w = torch.randn(3072, 3072, generator=g).to(torch.bfloat16)
+    for fmt in ("fp8_e4m3fn", "fp8_e5m2", "int8"):
+        for gran in ("tensor", "channel", "group"):
+            cases.append((f"{fmt} {gran}, bf16 3072x3072", w, fmt, gran))
+    for label, t, fmt, gran in cases:
+        q_cpu = quant.quantize(t, fmt, gran)
+        q_dev = quant.quantize(t.to(dev), fmt, gran)
+        same = torch.equal(q_cpu.data.view(torch.uint8), q_dev.data.cpu().view(torch.uint8))
+        if q_cpu.scale is not None:
+            assert q_dev.scale is not None
+            same = same and torch.equal(q_cpu.scale.view(torch.int32), q_dev.scale.cpu().view(torch.int32))
+        d_cpu = q_cpu.dequantize(torch.float32)
+        d_dev = q_dev.dequantize(torch.float32).cpu()
+        same_deq = torch.equal(d_cpu.view(torch.int32), d_dev.view(torch.int32))
+        rows.append({"check": f"quant CPU vs {dev}: {label}",
+                     "result": f"codes+scales {'identical' if same else 'DIFFER'}; dequantized "
+                               f"{'identical' if same_deq else 'DIFFER'}", "ok": same and same_deq})
+    return rows
+
+
+def dequant_peak(dev: str) -> list[Row]:
+    """Extra device memory while dequantizing one layer: peak allocated minus the output, for Flux's largest
+    layer shapes. The bound is 64 MiB."""
+    import torch
+
+    from vramkit import quant
+
+    if dev != "cuda":
+        return [{"check": "dequant peak per layer", "result": "needs CUDA (the CPU bound is a pytest tracer test)",
+                 "ok": None}]
+    rows: list[Row] = []
+    shapes = {"single linear1 21504x3072": (21504, 3072), "double mlp.0 12288x3072": (12288, 3072),
+              "qkv 9216x3072": (9216, 3072)}
+    for label, shape in shapes.items():
+        w = torch.randn(shape, device=dev, dtype=torch.bfloat16)
+        for fmt, gran in (("int8", "group"), ("int8", "channel"), ("fp8_e4m3fn", "tensor")):
+            q = quant.quantize(w, fmt, gran)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            out = q.dequantize(torch.bfloat16)
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+            del out
+            rows.append({"check": f"dequant peak: {label} {fmt} {gran}",
+                         "result": f"output {w.numel() * 2 / MiB:.0f} MiB + extra {extra / MiB:.1f} MiB",
+                         "ok": extra <= 64 * MiB})
+        del w
+    return rows
+
+
+PLAIN: dict[str, Callable[[str], list[Row]]] = {"quant_bits": quant_bits, "dequant_peak": dequant_peak}
+
+
+def run_plain(name: str, dev: str) -> list[Row]:
+    return _guard(name, lambda: PLAIN[name](dev))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI sections (child processes)
+
+
+def _comfy(manager: str) -> None:
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    os.environ["VRAMKIT_TEST_MEMORY_MANAGER"] = manager
+    if manager == "dynamic":
+        import comfy_aimdo.control  # before torch, as ComfyUI's main.py does
+
+        comfy_aimdo.control.init()
+    import comfy_setup
+
+    problem = comfy_setup.import_comfyui(Path(os.environ["COMFYUI_PATH"]))
+    if problem:
+        raise RuntimeError(problem)
+
+
+def _dit_file(folder: Path, hidden: int, double: int, single: int, dtype: Any) -> Path:
+    """A Flux-shaped model with random weights, saved as a diffusion-model file (the way UNETLoader gets it)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model as flux
+    import comfy.ops
+    import safetensors.torch
+    import tiny_models
+    import torch
+
+    params = dict(tiny_models.FLUX_PARAMS, hidden_size=hidden, num_heads=hidden // 128, depth=double,
+                  depth_single_blocks=single, axes_dim=[16, 56, 56])
+    accepted = {f.name for f in dataclasses.fields(flux.FluxParams)}
+    with torch.device("meta"):
+        net = flux.Flux(operations=comfy.ops.disable_weight_init, dtype=dtype, device="meta",
+                        **{k: v for k, v in params.items() if k in accepted})
+    gen_device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are faster there
+    g = torch.Generator(gen_device).manual_seed(0)
+    sd = {}
+    for name, p in net.state_dict().items():
+        std = 1.0 / math.sqrt(math.prod(p.shape[1:])) if p.dim() >= 2 else 0.1
+        sd[name] = (torch.randn(p.shape, generator=g, device=gen_device) * std).to(dtype).cpu()
+    path = folder / f"dit-{hidden}-{double}x{single}.safetensors"
+    safetensors.torch.save_file(sd, str(path))
+    tiny_models.register("flux", sd)
+    return path
+
+
+def _emit(rows: list[Row]) -> None:
+    for r in rows:
+        print("ROW: " + json.dumps(r), flush=True)
+
+
+@contextmanager
+def _peak(dev: str) -> Iterator[dict[str, float]]:
+    import torch
+
+    box: dict[str, float] = {}
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    yield box
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        box["peak"] = torch.cuda.max_memory_allocated()
+    box["seconds"] = time.perf_counter() - start
+
+
+def _sample(model: Any, size: int, steps: int, dev: str) -> tuple[Any, dict[str, float]]:
+    import helpers
+
+    with _peak(dev) as box:
+        out = helpers.sample(model, "flux", size=size, steps=steps)
+    return out, box
+
+
+def _node(node_id: str) -> Any:
+    from vramkit.comfy import NODE_CLASS_MAPPINGS
+
+    return NODE_CLASS_MAPPINGS[node_id]()
+
+
+def _result(ret: Any) -> tuple[Any, ...]:
+    return tuple(ret["result"]) if isinstance(ret, dict) else tuple(ret)
+
+
+def nodes(manager: str) -> list[Row]:
+    """The nodes end to end on a small Flux-shaped model loaded from a file: outputs against the plain run,
+    and ComfyUI's resident weight bytes against the Offload node's budget."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import helpers
+    import torch
+
+    dev = device()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # About 560 MiB of weights on a GPU (several 32 MiB pages of Dynamic VRAM); small on the CPU dry run.
+        hidden, double, single = (1024, 4, 8) if dev == "cuda" else (256, 1, 2)
+        path = _dit_file(Path(tmp), hidden=hidden, double=double, single=single, dtype=torch.bfloat16)
+        model = comfy.sd.load_diffusion_model(str(path))
+        kind = type(model).__name__
+        total = model.model_size()
+        ref, box = _sample(model, 64, 2, dev)
+        rows.append({"check": f"[{manager}] plain run ({kind}, {total / MiB:.0f} MiB of weights)",
+                     "result": _fmt_box(box) + f"; resident {model.loaded_size() / MiB:.0f} MiB", "ok": None})
+        mm.unload_all_models()
+
+        budget_gb = 0.25 if dev == "cuda" else 0.002
+        offload = _node("VRAMKitOffload")
+        inputs = {k: v for k, v in {"vram_budget_gb": budget_gb, "engine": "comfy"}.items()
+                  if k in offload.INPUT_TYPES()["required"]}
+        patched = _result(getattr(offload, offload.FUNCTION)(model, **inputs))[0]
+        out, box = _sample(patched, 64, 2, dev)
+        resident = patched.loaded_size()
+        page = 32 * MiB if manager == "dynamic" else 0
+        rows.append({"check": f"[{manager}] Offload, budget {budget_gb} GB",
+                     "result": f"resident {resident / MiB:.0f} MiB of {total / MiB:.0f}; output vs plain "
+                               f"{helpers.rel(out, ref):.1e}; " + _fmt_box(box),
+                     "ok": resident <= budget_gb * 1024**3 + page and helpers.rel(out, ref) < 1e-3})
+        mm.unload_all_models()
+
+        for fmt, gran in (("int8", "group"), ("int8", "channel"), ("fp8_e4m3fn", "tensor")):
+            qnode = _node("VRAMKitQuantize")
+            req = qnode.INPUT_TYPES()["required"]
+            args = {"format": fmt, "granularity": gran, "group_size": 64, "skip_patterns": "none",
+                    "compute_dtype": "default"}
+            qm = _result(getattr(qnode, qnode.FUNCTION)(model, **{k: v for k, v in args.items() if k in req}))[0]
+            out, box = _sample(qm, 64, 2, dev)
+            err = helpers.rel(out, ref)
+            rows.append({"check": f"[{manager}] Quantize {fmt} {gran}",
+                         "result": f"output vs plain {err:.1e}; resident {qm.loaded_size() / MiB:.0f} MiB; "
+                                   + _fmt_box(box), "ok": err < 0.1})
+            mm.unload_all_models()
+
+        rows += _attention_keeps_backend(model, manager, dev)
+    return rows
+
+
+def _attention_keeps_backend(model: Any, manager: str, dev: str) -> list[Row]:
+    """Attention 'auto' on CUDA must call the backend ComfyUI hands the override (the one it was started with)."""
+    import comfy.model_management as mm
+
+    node = _node("VRAMKitAttention")
+    patched = _result(getattr(node, node.FUNCTION)(model, "auto", 0))[0]
+    opts = patched.model_options["transformer_options"]
+    ours = opts["optimized_attention_override"]
+    calls = {"backend": 0, "all": 0}
+
+    def recording(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def backend(*a: Any, **k: Any) -> Any:
+            calls["backend"] += 1
+            return func(*a, **k)
+
+        calls["all"] += 1
+        return ours(backend, *args, **kwargs)
+
+    spy = patched.clone()
+    spy.model_options["transformer_options"] = dict(opts, optimized_attention_override=recording)
+    _sample(spy, 64, 1, dev)
+    mm.unload_all_models()
+    kept = calls["all"] > 0 and calls["backend"] == calls["all"]
+    return [{"check": f"[{manager}] Attention auto keeps ComfyUI's backend",
+             "result": f"{calls['backend']} of {calls['all']} attention calls went to ComfyUI's backend",
+             "ok": kept if dev == "cuda" else None}]
+
+
+def dit(manager: str) -> list[Row]:
+    """A DiT-sized model (Flux's width 3072, 4 double + 8 single blocks, bf16) at 1024x1024: step time and
+    peak with and without each node."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import torch
+
+    dev = device()
+    if dev != "cuda":
+        return [{"check": f"[{manager}] DiT-sized model", "result": "needs CUDA", "ok": None}]
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _dit_file(Path(tmp), hidden=3072, double=4, single=8, dtype=torch.bfloat16)
+        model = comfy.sd.load_diffusion_model(str(path))
+        total = model.model_size()
+        variants: list[tuple[str, Any]] = [("plain", model)]
+        q = _node("VRAMKitQuantize")
+        req = q.INPUT_TYPES()["required"]
+        for fmt, gran in (("int8", "group"), ("fp8_e4m3fn", "tensor")):
+            args = {"format": fmt, "granularity": gran, "group_size": 64, "skip_patterns": "none",
+                    "compute_dtype": "default"}
+            variants.append((f"Quantize {fmt} {gran}",
+                             _result(getattr(q, q.FUNCTION)(model, **{k: v for k, v in args.items() if k in req}))[0]))
+        off = _node("VRAMKitOffload")
+        oreq = off.INPUT_TYPES()["required"]
+        for gb in (1.0, 2.0):
+            oargs = {k: v for k, v in {"vram_budget_gb": gb, "engine": "comfy"}.items() if k in oreq}
+            variants.append((f"Offload {gb:g} GB", _result(getattr(off, off.FUNCTION)(model, **oargs))[0]))
+        att = _node("VRAMKitAttention")
+        for mode in ("auto", "chunked"):
+            variants.append((f"Attention {mode}", _result(getattr(att, att.FUNCTION)(model, mode, 0))[0]))
+        for label, m in variants:
+            _sample(m, 128, 1, dev)  # warm-up (load, kernels)
+            times = []
+            peak = 0.0
+            for _ in range(3):
+                _, box = _sample(m, 128, 1, dev)
+                times.append(box["seconds"])
+                peak = max(peak, box.get("peak", 0.0))
+            rows.append({"check": f"[{manager}] DiT {total / 2**30:.1f} GiB, 1024x1024: {label}",
+                         "result": f"step {statistics.median(times) * 1000:.0f} ms; peak {peak / 2**30:.2f} GiB; "
+                                   f"resident {m.loaded_size() / 2**30:.2f} GiB", "ok": None})
+            mm.unload_all_models()
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_box(box: dict[str, float]) -> str:
+    peak = f"peak {box['peak'] / MiB:.0f} MiB, " if "peak" in box else ""
+    return f"{peak}{box['seconds']:.2f} s"
+
+
+COMFY: dict[str, Callable[[str], list[Row]]] = {"nodes": nodes, "dit": dit}
+
+
+if __name__ == "__main__":
+    section, mgr = sys.argv[1], sys.argv[2]
+    _comfy(mgr)
+    import torch
+
+    with torch.inference_mode():
+        _emit(_guard(f"{section} [{mgr}]", lambda: COMFY[section](mgr)))
