@@ -2,7 +2,7 @@
 
 Measured on CPU: the Rust kernel counts every byte it allocates (`peak_scratch_bytes`); the torch paths
 are measured with torch's profiler, which records every allocation of torch's CPU allocator
-(`vramkit.attention_measure`).
+(`vramkit.attention.measure`).
 """
 
 from __future__ import annotations

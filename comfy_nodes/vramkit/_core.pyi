@@ -66,7 +66,7 @@ def error_stats(x: FloatArray, codes: CodeArray, fmt: Format, scales: npt.NDArra
     """Error of the dequantized codes (float32) against `x`, in one pass accumulated in float64:
     max |err|, root mean square error, and SNR in dB (`10 log10(sum x^2 / sum err^2)`, inf when exact)."""
 
-# --- attention (rust_src/attention, rust_src/plan/attention.rs) ---------------------------------------------
+# --- attention (rust_src/core/src/attention, rust_src/core/src/plan/attention.rs) -----------------------------
 
 AttentionEngine = Literal["portable", "avx512", "avx512-bf16"]
 MaskArray = npt.NDArray[np.bool_] | FloatArray
@@ -140,7 +140,7 @@ def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: in
     recorded in the plan but changes no prediction (the torch paths' measured peaks did not depend on it);
     `engine` None plans for the most demanding engine."""
 
-# --- offload planner (rust_src/plan/offload.rs) --------------------------------------------------------------
+# --- offload planner (rust_src/core/src/plan/offload.rs) ----------------------------------------------------
 
 class OffloadPlan(TypedDict):
     resident: list[bool]

@@ -67,7 +67,7 @@ def _vramkit_override_factory() -> Callable[..., Any]:
 
 
 def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | None) -> ComfyOverride:
-    """The override for `mode`, chained to `previous` by `vramkit.attention_override`'s contract: a foreign
+    """The override for `mode`, chained to `previous` by `vramkit.comfy.attention_override`'s contract: a foreign
     override keeps running (with our mode as the backend it calls), an earlier VRAMKit one is replaced."""
     if mode in VRAMKIT_MODES:
         return _vramkit_override_factory()(mode=mode, budget_bytes=budget_bytes, previous=previous)
