@@ -36,7 +36,10 @@ def job(width: int, height: int, frames: int = 1, batch: int = 1, **extra: Any) 
 def plan_fit(model_profile: dict[str, Any], device: dict[str, Any], job: dict[str, Any], budget_bytes: int = 0,
              preset: str = "auto") -> Plan:
     """`_core.plan_fit` wrapped in a `Plan` (budget 0 = the device's free memory)."""
-    return Plan.from_core(_core.plan_fit(model_profile, device, job, budget_bytes, preset), job)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {preset!r}")
+    result = _core.plan_fit(model_profile, device, job, budget_bytes, preset)  # type: ignore[arg-type]
+    return Plan.from_core(dict(result), job)
 
 
 def plan(model: str | os.PathLike[str] | dict[str, Any], device: dict[str, Any] | None = None, *,

@@ -117,7 +117,7 @@ def cached(key: str, measure: Callable[[], dict[str, float]]) -> dict[str, float
     return values
 
 
-def _best_seconds(fn: Callable[[], None], sync: Callable[[], None], repeats: int = 5) -> float:
+def _best_seconds(fn: Callable[[], object], sync: Callable[[], None], repeats: int = 5) -> float:
     fn()
     sync()
     best = float("inf")
@@ -133,20 +133,21 @@ def measure_speeds(device: Any) -> dict[str, float]:
     """Pinned host-to-device GB/s, device-copy GB/s and bf16 matmul TFLOPS on a CUDA `device` (~1 s)."""
     import torch
 
-    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    def sync() -> None:
+        torch.cuda.synchronize(device)
+
     n = 256 * 2**20
     host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device=device)
-    h2d = n / _best_seconds(lambda: dev.copy_(host, non_blocking=True), sync) / 1e9
-    other = torch.empty_like(dev)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    h2d = n / _best_seconds(lambda: src.copy_(host, non_blocking=True), sync) / 1e9
     # A device copy reads and writes every byte.
-    mem = 2 * n / _best_seconds(lambda: other.copy_(dev), sync) / 1e9
-    del host, dev, other
-    size = 4096
+    mem = 2 * n / _best_seconds(lambda: dst.copy_(src), sync) / 1e9
+    edge = 4096
     dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    flops = 2 * size**3 / _best_seconds(lambda: a @ b, sync) / 1e12
+    a = torch.randn(edge, edge, device=device, dtype=dtype)
+    b = torch.randn(edge, edge, device=device, dtype=dtype)
+    flops = 2 * edge**3 / _best_seconds(lambda: torch.matmul(a, b), sync) / 1e12
     return {"h2d_gbps": round(h2d, 2), "memory_gbps": round(mem, 1), "tflops": round(flops, 1)}
 
 

@@ -45,7 +45,7 @@ def builtin_names() -> list[str]:
 
 @cache
 def _builtins() -> dict[str, dict[str, Any]]:
-    return dict(_core.builtin_profiles())
+    return {name: dict(p) for name, p in _core.builtin_profiles().items()}
 
 
 def builtin_profile(name: str) -> dict[str, Any]:

@@ -315,24 +315,23 @@ fn smallest(
     job: &Job,
     configs: &[Config],
 ) -> Evaluation {
-    let mut best: Option<(bool, u64, Evaluation)> = None;
+    // Least requirement first, then the least sampling peak, then the usual order.
+    let mut best: Option<((bool, u64, u64), Evaluation)> = None;
     for &c in configs {
         for resident in [Some(0), None] {
             let e = evaluate(model, device, job, &Config { resident, ..c });
             let ram_ok = device.ram_bytes == 0 || e.ram_needed <= device.ram_bytes;
-            let key = (!ram_ok, required_budget(&e));
+            let key = (!ram_ok, required_budget(&e), e.peak);
             let replace = match &best {
                 None => true,
-                Some((bad, req, b)) => {
-                    key < (*bad, *req) || (key == (*bad, *req) && better(model, device, &e, b))
-                }
+                Some((k, b)) => key < *k || (key == *k && better(model, device, &e, b)),
             };
             if replace {
-                best = Some((key.0, key.1, e));
+                best = Some((key, e));
             }
         }
     }
-    best.expect("at least one configuration").2
+    best.expect("at least one configuration").1
 }
 
 fn preset_configs(preset: Preset, model: &ModelProfile, device: &DeviceProfile) -> Vec<Config> {
