@@ -2,6 +2,9 @@
 //! ValueError naming the field (`device['h2d_gbps']`), unknown keys included (a typo is not ignored).
 
 use super::to_py_err;
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyDict, PyList};
 use vramkit_core::plan::builtin;
 use vramkit_core::plan::cost::{AttentionMode, Evaluation};
 use vramkit_core::plan::ladder::{plan_fit as plan, Plan, Preset};
@@ -9,9 +12,6 @@ use vramkit_core::plan::profile::{
     Arch, Block, Component, DeviceProfile, Estimate, Family, Format, FormatBytes, Job,
     MemoryManager, ModelProfile, Os,
 };
-use pyo3::exceptions::{PyTypeError, PyValueError};
-use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyDict, PyList};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan_fit, m)?)?;
