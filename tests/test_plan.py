@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from vramkit import _core, cli, demo
+from vramkit import _core, cli
 from vramkit import plan as planner
+from vramkit.cli import demo
 
 GIB = 1024**3
 BUILTINS = ["sd1.5", "sdxl", "flux-dev", "flux2-dev", "qwen-image", "wan2.1-14b", "wan2.2-5b", "wan2.1-1.3b",

@@ -230,6 +230,8 @@ class DeviceProfile(TypedDict, total=False):
     os: Literal["linux", "windows", "macos"]
     memory_manager: Literal["dynamic", "legacy"]
     streams: int
+    extra_reserved_bytes: int | None
+    minimum_inference_bytes: int | None
 
 class JobSpec(TypedDict, total=False):
     width: int

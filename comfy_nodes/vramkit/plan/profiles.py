@@ -212,6 +212,58 @@ def _bytes_as_stored(tensors: Mapping[str, TensorInfo]) -> int:
     return sum(t.elements * _DTYPE_BYTES.get(t.dtype, 2) for t in tensors.values())
 
 
+def profile_from_tensors(diffusion: Mapping[str, TensorInfo], name: str, description: str, *,
+                         generic: bool = False) -> dict[str, Any]:
+    """A profile from the diffusion model's tensors (names without a checkpoint prefix). With `generic`, an
+    architecture the names do not show is planned as a generic DiT (or UNet) with the dimensions the
+    tensors show, instead of a ValueError."""
+    try:
+        base, dims = _template(diffusion)
+    except ValueError:
+        if not generic:
+            raise
+        base, dims = _generic(diffusion)
+    profile = builtin_profile(base)
+    groups: dict[str, list[tuple[str, TensorInfo]]] = {}
+    for tensor_name, t in diffusion.items():
+        if m := _BLOCK.match(tensor_name):
+            key = f"{m.group(1)}.{m.group(2)}"
+        elif tensor_name.startswith("middle_block."):
+            key = "middle_block"
+        else:
+            key = "rest"
+        groups.setdefault(key, []).append((tensor_name, t))
+
+    def order(key: str) -> tuple[str, int]:
+        head, _, idx = key.rpartition(".")
+        return (head, int(idx)) if idx.isdigit() else (key, 0)
+
+    profile["blocks"] = [{"name": k, **_block_bytes(groups[k])} for k in sorted(groups, key=order)]
+    profile["weights_format"] = _weights_format(diffusion)
+    profile["name"] = name
+    profile["description"] = f"{description}; architecture as {base}"
+    profile.update(dims)
+    return profile
+
+
+def _generic(names: Mapping[str, TensorInfo]) -> tuple[str, dict[str, Any]]:
+    """A generic template: UNet-like names plan as sd1.5, anything else as flux-dev, with the widths the
+    2-D weights show (hidden: the most common input width; widest: the largest output width)."""
+    base = "sd1.5" if any(n.startswith(("input_blocks.", "down_blocks.")) for n in names) else "flux-dev"
+    matrices = [t.shape for n, t in names.items() if n.endswith(".weight") and len(t.shape) == 2]
+    dims: dict[str, Any] = {}
+    if matrices:
+        widths: dict[int, int] = {}
+        for shape in matrices:
+            widths[shape[1]] = widths.get(shape[1], 0) + 1
+        hidden = max(sorted(widths), key=widths.__getitem__)
+        dims.update(hidden=hidden, widest=max(s[0] for s in matrices), heads=max(1, hidden // 64))
+    blocks = {m.group(0) for n in names if (m := _BLOCK.match(n))}
+    if blocks:
+        dims["attention_layers"] = len(blocks)
+    return base, dims
+
+
 def profile_from_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A model profile from a safetensors file's header (a diffusion model, or a full checkpoint with its
     text encoders and VAE)."""
@@ -221,27 +273,7 @@ def profile_from_safetensors(path: str | os.PathLike[str]) -> dict[str, Any]:
     diffusion, te, vae = _strip(read_header(p))
     if not diffusion:
         raise ValueError(f"{p} holds no diffusion-model tensors")
-    base, dims = _template(diffusion)
-    profile = builtin_profile(base)
-    groups: dict[str, list[tuple[str, TensorInfo]]] = {}
-    for name, t in diffusion.items():
-        if m := _BLOCK.match(name):
-            key = f"{m.group(1)}.{m.group(2)}"
-        elif name.startswith("middle_block."):
-            key = "middle_block"
-        else:
-            key = "rest"
-        groups.setdefault(key, []).append((name, t))
-
-    def order(key: str) -> tuple[str, int]:
-        head, _, idx = key.rpartition(".")
-        return (head, int(idx)) if idx.isdigit() else (key, 0)
-
-    profile["blocks"] = [{"name": k, **_block_bytes(groups[k])} for k in sorted(groups, key=order)]
-    profile["weights_format"] = _weights_format(diffusion)
-    profile["name"] = p.stem
-    profile["description"] = f"{p.name}: read from its header; architecture as {base}"
-    profile.update(dims)
+    profile = profile_from_tensors(diffusion, p.stem, f"{p.name}: read from its header")
     if te:
         profile["text_encoders"] = [{"name": "text encoders (in the checkpoint)", "bytes": _bytes_as_stored(te)}]
     if vae:

@@ -284,6 +284,8 @@ const DEVICE_KEYS: &[&str] = &[
     "os",
     "memory_manager",
     "streams",
+    "extra_reserved_bytes",
+    "minimum_inference_bytes",
 ];
 
 fn parse_device(obj: &Bound<'_, PyDict>) -> PyResult<DeviceProfile> {
@@ -322,6 +324,14 @@ fn parse_device(obj: &Bound<'_, PyDict>) -> PyResult<DeviceProfile> {
             &f.string_or("memory_manager", "dynamic")?,
         ))?,
         streams: f.int_or("streams", 2)?,
+        extra_reserved_bytes: f
+            .get("extra_reserved_bytes")?
+            .map(|v| f.int_of("extra_reserved_bytes", &v))
+            .transpose()?,
+        minimum_inference_bytes: f
+            .get("minimum_inference_bytes")?
+            .map(|v| f.int_of("minimum_inference_bytes", &v))
+            .transpose()?,
     };
     value(device.validate())?;
     Ok(device)

@@ -372,6 +372,10 @@ pub struct DeviceProfile {
     pub memory_manager: MemoryManager,
     /// ComfyUI's async offload streams (`NUM_STREAMS`, 2 on NVIDIA).
     pub streams: u64,
+    /// ComfyUI's reserve as the running ComfyUI reports it (`extra_reserved_memory()`,
+    /// `minimum_inference_memory()`), overriding the rule by OS (e.g. `--reserve-vram`, or 0 on a CPU).
+    pub extra_reserved_bytes: Option<u64>,
+    pub minimum_inference_bytes: Option<u64>,
 }
 
 impl DeviceProfile {
@@ -405,11 +409,16 @@ impl DeviceProfile {
             os: Os::Linux,
             memory_manager: MemoryManager::Dynamic,
             streams: 2,
+            extra_reserved_bytes: None,
+            minimum_inference_bytes: None,
         }
     }
 
     /// ComfyUI's `EXTRA_RESERVED_VRAM`: 400 MiB, 600 MiB on Windows (+100 MiB on cards above 15 GiB).
     pub fn extra_reserved(&self) -> u64 {
+        if let Some(bytes) = self.extra_reserved_bytes {
+            return bytes;
+        }
         match self.os {
             Os::Windows if self.total_bytes > 15 * GIB => 700 * MIB,
             Os::Windows => 600 * MIB,
@@ -419,7 +428,8 @@ impl DeviceProfile {
 
     /// ComfyUI's `minimum_inference_memory()`: 0.8 GiB plus the extra reserve.
     pub fn minimum_inference(&self) -> u64 {
-        GIB * 8 / 10 + self.extra_reserved()
+        self.minimum_inference_bytes
+            .unwrap_or(GIB * 8 / 10 + self.extra_reserved())
     }
 
     /// The share of RAM ComfyUI pins for fast transfers (`MAX_PINNED_MEMORY`: 40% on Windows, 90% else).

@@ -224,6 +224,10 @@ fn reserve_follows_comfyui() {
     assert_eq!(d.extra_reserved(), 700 * MIB);
     d.total_bytes = 8 * GIB;
     assert_eq!(d.extra_reserved(), 600 * MIB);
+    // What a running ComfyUI reports wins (--reserve-vram, or a CPU device with no reserve).
+    d.extra_reserved_bytes = Some(0);
+    d.minimum_inference_bytes = Some(0);
+    assert_eq!((d.extra_reserved(), d.minimum_inference()), (0, 0));
 }
 
 #[test]
@@ -451,6 +455,8 @@ fn arb_device() -> impl Strategy<Value = DeviceProfile> {
                         MemoryManager::Legacy
                     },
                     streams,
+                    extra_reserved_bytes: None,
+                    minimum_inference_bytes: None,
                 }
             },
         )
