@@ -107,16 +107,16 @@ class Plan:
 
     def text(self) -> str:
         """The plan for a user: verdict, steps with reasons, memory by component, time, notes."""
-        head = f"{self.model} at {self.job_label()} on {gib(self.budget_bytes)} ({self.device})"
+        head = f"{self.model} at {self.job_label()} on {size(self.budget_bytes)} ({self.device})"
         if self.preset != "auto":
             head += f", preset {self.preset}"
         lines = []
         if self.fits:
             lines.append(f"{head}: fits, ~{seconds(self.predicted_step_seconds)} per step, "
-                         f"peak {gib(self.predicted_peak_bytes)} while sampling.")
+                         f"peak {size(self.predicted_peak_bytes)} while sampling.")
         else:
-            lines.append(f"{head}: does NOT fit. The leanest plan peaks at {gib(self.predicted_peak_bytes)} "
-                         f"while sampling and needs a budget of {gib(self.min_budget_bytes)}.")
+            lines.append(f"{head}: does NOT fit. The leanest plan peaks at {size(self.predicted_peak_bytes)} "
+                         f"while sampling and needs a budget of {size(self.min_budget_bytes)}.")
         if not self.steps:
             lines.append("Nothing to apply: it fits as loaded, and every optimization would only cost speed."
                          if self.fits else "No step of the ladder applies.")
@@ -130,9 +130,9 @@ class Plan:
         lines.append("Memory while sampling: " + ", ".join(parts) + ".")
         a = self.activations
         used = "ours" if a["used"] == "first_principles" else "ComfyUI's"
-        lines.append(f"Activations: first-principles {gib(a['first_principles'])} ({a['tokens']} tokens, "
-                     f"batch {a['batch']}); ComfyUI's estimate {gib(a['comfy'])}, "
-                     f"{gib(a['comfy_dynamic'])} under Dynamic VRAM (x1.3 + 1 GiB); the fit uses {used}.")
+        lines.append(f"Activations: first-principles {size(a['first_principles'])} ({a['tokens']} tokens, "
+                     f"batch {a['batch']}); ComfyUI's estimate {size(a['comfy'])}, "
+                     f"{size(a['comfy_dynamic'])} under Dynamic VRAM (x1.3 + 1 GiB); the fit uses {used}.")
         t = self.time
         cost = [f"compute {seconds(t['compute'] + t['attention'])}"]
         if t["dequantize"]:

@@ -604,7 +604,7 @@ fn explain(
                     ),
                 )
             }
-            Rung::LayerStreaming if !fits => (
+            Rung::LayerStreaming if !fits || e.components.weights == 0 => (
                 format!(
                     "Stream every layer ({} from RAM each step)",
                     gib(e.streamed_bytes)
