@@ -24,8 +24,10 @@ def gib(n: float) -> str:
 
 
 def size(n: float) -> str:
-    """GiB, or MiB below one GiB."""
-    return gib(n) if n >= GIB else f"{n / 2**20:.0f} MiB"
+    """GiB, MiB below one GiB, KiB below one MiB."""
+    if n >= GIB:
+        return gib(n)
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def seconds(s: float) -> str:
