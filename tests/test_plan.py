@@ -302,3 +302,29 @@ def test_demo_shows_the_planner() -> None:
     rows = table.splitlines()[3:]
     assert len(rows) == len(demo.PLANNER_BUDGETS_GB)
     assert "(nothing)" in rows[0] and "layer_streaming" in rows[-1]
+
+
+def test_calibration_is_cached_and_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramkit.plan import calibration
+
+    monkeypatch.setenv("VRAMKIT_CACHE_DIR", str(tmp_path))
+    device = planner.reference_device(12 * GIB)
+    job = planner.job(1024, 1024)
+    p = planner.plan("flux-dev", device, **{k: job[k] for k in ("width", "height")}, budget_bytes=12 * GIB)
+    key = calibration.key(p.model, p.device, p.job)
+    assert calibration.lookup(key) == {}
+    act = p.components["activations"]
+    # The run peaked 1 activation-size above the prediction and took 20% longer per step.
+    miss = calibration.record(key, p.__dict__, p.predicted_peak_bytes + act, p.predicted_step_seconds * 1.2)
+    assert miss.activation_scale == pytest.approx(2.0, rel=1e-6)
+    assert miss.time_scale == pytest.approx(1.2)
+    assert "+20%" in miss.text()
+    scales = calibration.lookup(key)
+    assert scales == {"activation_scale": pytest.approx(2.0, rel=1e-6), "time_scale": pytest.approx(1.2)}
+    again = planner.plan("flux-dev", device, width=1024, height=1024, budget_bytes=12 * GIB, **scales)
+    assert again.components["activations"] == pytest.approx(2 * act, rel=1e-3)
+    assert again.predicted_step_seconds > p.predicted_step_seconds
+    assert not list(tmp_path.glob("*.tmp"))
+    # Absurd measurements are clamped.
+    wild = calibration.record(key, p.__dict__, 0, 1e9)
+    assert (wild.activation_scale, wild.time_scale) == (0.25, 4.0)
