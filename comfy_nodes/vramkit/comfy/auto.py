@@ -233,13 +233,15 @@ class SafetyNet:
                                          patch.key(budget.WRAPPER_NAME), wrapper)
         return f"resident weights capped at {resident / 2**20:.0f} MB"
 
-    def __call__(self, executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        guider = executor.class_obj
+    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj  # ComfyUI's WrapperExecutor: the CFGGuider that samples
         device = compat.load_device(guider.model_patcher)
-        probe = measure.PeakProbe(device)
+        calibrate = self.calibrate and device.type == "cuda"  # a CPU's peak RSS is no VRAM figure
+        probe = measure.PeakProbe(device) if calibrate else None
         attempt = 0
         started = time.perf_counter()
-        probe.start()
+        if probe is not None:
+            probe.start()
         while True:
             try:
                 output = executor(*args, **kwargs)
@@ -258,12 +260,12 @@ class SafetyNet:
                 self.record.events.append(f"out of memory ({type(exc).__name__}); freed caches, {did}, "
                                           f"retry {attempt}.")
                 log.warning("VRAMKit Auto: out of memory while sampling; %s, retry %d", did, attempt)
-        peak = probe.stop()
+        peak = probe.stop() if probe is not None else 0
         elapsed = time.perf_counter() - started
         self.record.fingerprint = measure.fingerprint(output)
         sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
         steps = max(len(sigmas) - 1, 1) if sigmas is not None else 1
-        if self.calibrate and device.type == "cuda" and attempt == 0:
+        if calibrate and attempt == 0:
             key = calibration.key(self.plan.model, self.plan.device, self.plan.job)
             miss = calibration.record(key, self.plan.__dict__, peak, elapsed / steps,
                                       {k: self.plan.job[k] for k in ("activation_scale", "time_scale")
