@@ -13,7 +13,7 @@ from vramkit.comfy import attention_modes, measure, nodes, precision
 from vramkit.comfy import budget as streaming
 
 NODE_IDS = ["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
-            "VRAMKitMeasure", "VRAMKitReport"]
+            "VRAMKitMeasure", "VRAMKitReport", "VRAMKitAutoOptimize"]
 
 
 def test_node_declarations():

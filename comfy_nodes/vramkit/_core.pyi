@@ -167,3 +167,118 @@ class _BenchModule(ModuleType):
         roofline)."""
 
 _bench: _BenchModule
+
+# ---- fit planner (vramkit.plan) -----------------------------------------------------------------------
+
+StorageFormat = Literal["fp32", "bf16", "fp16", "fp8", "int8"]
+
+class FormatBytes(TypedDict, total=False):
+    fp32: int
+    bf16: int
+    fp16: int
+    fp8: int
+    int8: int
+
+class ProfileBlock(TypedDict):
+    name: str
+    bytes: FormatBytes
+    """Required: bf16, fp8, int8 (8-bit with scales); fp16 defaults to bf16, fp32 to twice bf16."""
+    largest_layer_params: int
+
+class ProfileComponent(TypedDict):
+    name: str
+    bytes: int
+
+class ModelProfile(TypedDict, total=False):
+    name: str
+    description: str
+    weights_format: StorageFormat
+    blocks: list[ProfileBlock]
+    text_encoders: list[ProfileComponent]
+    vae: ProfileComponent | None
+    family: Literal["unet", "dit"]
+    memory_usage_factor: float
+    latent_channels: int
+    latent_spatial: int
+    latent_temporal: int
+    patch: int
+    joint_text_tokens: int
+    hidden: int
+    widest: int
+    activation_factor: float
+    heads: int
+    attention_layers: int
+    flops_per_token: float
+    cfg: bool
+    vae_decode_bytes_per_pixel: int
+    vae_decode_frames: int
+    comfy_vae_decode_per_latent: int
+
+class DeviceProfile(TypedDict, total=False):
+    name: str
+    total_bytes: int
+    free_bytes: int
+    compute_capability: tuple[int, int] | None
+    bf16: bool
+    fp8_matmul: bool
+    int8_matmul: bool
+    efficient_attention: bool
+    h2d_gbps: float
+    memory_gbps: float
+    tflops: float
+    ram_bytes: int
+    os: Literal["linux", "windows", "macos"]
+    memory_manager: Literal["dynamic", "legacy"]
+    streams: int
+    extra_reserved_bytes: int | None
+    minimum_inference_bytes: int | None
+
+class JobSpec(TypedDict, total=False):
+    width: int
+    height: int
+    frames: int
+    batch: int
+    cfg: bool | None
+    estimate: Literal["first_principles", "comfy"]
+    activation_scale: float
+    time_scale: float
+
+class PlanStep(TypedDict):
+    rung: str
+    action: str
+    reason: str
+
+class FitPlan(TypedDict):
+    fits: bool
+    steps: list[PlanStep]
+    predicted_peak_bytes: int
+    predicted_step_seconds: float
+    components: dict[str, int]
+    config: dict[str, object]
+    activations: dict[str, object]
+    phases: dict[str, int]
+    time: dict[str, float]
+    preset: str
+    budget_bytes: int
+    requested_budget_bytes: int
+    min_budget_bytes: int
+    ram_needed_bytes: int
+    notes: list[str]
+    suggestions: list[str]
+    model: str
+    device: str
+
+def plan_fit(model_profile: ModelProfile | dict[str, object], device: DeviceProfile | dict[str, object],
+             job: JobSpec | dict[str, object], budget_bytes: int,
+             preset: Literal["auto", "gpu-only", "medvram", "lowvram", "novram"] = "auto") -> FitPlan:
+    """The ladder searched for the plan with the lowest predicted step time whose predicted peak fits
+    `budget_bytes` (0 = the device's free memory; capped at the device's dedicated memory: the Windows
+    shared-memory fallback never counts). Required: model_profile name, blocks, family,
+    memory_usage_factor, latent_channels, latent_spatial, patch, hidden, widest, heads, attention_layers;
+    device total_bytes; job width, height. ValueError naming the field for anything missing, unknown or out
+    of range. `predicted_peak_bytes` is the sampling peak, the sum of `components` (weights,
+    streaming_buffers, activations, attention, text_encoder, vae, reserve). The GIL is released."""
+
+def builtin_profiles() -> dict[str, ModelProfile]:
+    """The built-in model profiles (sd1.5, sdxl, flux-dev, flux2-dev, qwen-image, wan2.1-14b, wan2.2-5b,
+    wan2.1-1.3b, hunyuanvideo) in the layout `plan_fit` takes, keyed by name."""

@@ -14,6 +14,7 @@ CALLS = {
     "VRAMKitOffload": (0.001, "comfy"),
     "VRAMKitPrecision": ("fp16", "default"),
     "VRAMKitMeasure": ("",),
+    "VRAMKitAutoOptimize": (64, 64, 1, 1, 0.0, "auto", True),
 }
 
 

@@ -17,7 +17,8 @@ from vramkit.comfy import nodes
 WORKFLOWS = workflow_tools.names()
 #: Which VRAMKit node each example workflow shows.
 SHOWS = {"attention": "VRAMKitAttention", "free_after": "VRAMKitFreeAfter", "measure": "VRAMKitMeasure",
-         "offload": "VRAMKitOffload", "precision": "VRAMKitPrecision", "quantize": "VRAMKitQuantize"}
+         "offload": "VRAMKitOffload", "precision": "VRAMKitPrecision", "quantize": "VRAMKitQuantize",
+         "auto_sd15": "VRAMKitAutoOptimize", "auto_flux": "VRAMKitAutoOptimize", "auto_wan": "VRAMKitAutoOptimize"}
 
 
 def test_every_node_has_a_workflow():

@@ -7,7 +7,8 @@
   committed API twin is the same graph.
 - `tinyfy`: the substitutions that let a workflow written for real models run on the test server: model
   files -> the tiny models, CLIPTextEncode -> test conditioning (no text encoder), VAE -> ``pixel_space`` with
-  a test decoder (no VAE weights), 64x64 latents and 2 steps. Everything else runs as written.
+  a test decoder (no VAE weights), 64x64 latents (a video latent becomes one 64x64 image: the tiny DiT stands
+  in for Wan) and 2 steps. Everything else runs as written.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def strip_meta(api: dict[str, Any]) -> dict[str, Any]:
 
 
 def family(api: dict[str, Any]) -> str:
+    """The tiny model standing in: the DiT for Flux- and Wan-style workflows, the UNet otherwise."""
     names = [n["inputs"].get("unet_name", "") for n in api.values() if n["class_type"] == "UNETLoader"]
-    return "flux" if any("flux" in name.lower() for name in names) else "sd15"
+    return "flux" if any(k in name.lower() for name in names for k in ("flux", "wan")) else "sd15"
 
 
 def tinyfy(api: dict[str, Any]) -> dict[str, Any]:
@@ -158,7 +160,7 @@ def tinyfy(api: dict[str, Any]) -> dict[str, Any]:
         cls, inputs = node["class_type"], node["inputs"]
         for name, value in list(inputs.items()):
             if isinstance(value, list) and value[0] in removed and cls != "CLIPTextEncode":
-                if cls != "VRAMKitFreeAfter":
+                if cls not in ("VRAMKitFreeAfter", "VRAMKitAutoOptimize"):
                     raise ValueError(f"node {key} ({cls}) needs the text encoder through {name}")
                 del inputs[name]  # an optional input of the free-after node
         if cls == "UNETLoader":
@@ -174,6 +176,9 @@ def tinyfy(api: dict[str, Any]) -> dict[str, Any]:
             node["class_type"] = "VRAMKitTestDecode"
         elif cls in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=64, height=64)
+        elif cls == "EmptyHunyuanLatentVideo":  # the tiny DiT makes images: one 64x64 frame
+            node["class_type"] = "EmptyLatentImage"
+            node["inputs"] = {"width": 64, "height": 64, "batch_size": inputs.get("batch_size", 1)}
         elif cls in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = min(int(inputs["steps"]), 2)
     return out

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run
+    from .demo import planner_table, run
 
     print(run(blocks=args.blocks, seed=args.seed, tokens=args.tokens))
+    print()
+    print(planner_table())
     return 0
 
 
@@ -80,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("comfyui_path", help="the ComfyUI folder (the one holding main.py)")
     install.add_argument("--force", action="store_true", help="overwrite an existing loader")
     install.set_defaults(func=_install_comfyui)
+
+    from . import plan as plan_verb
+
+    plan_verb.register(verbs)
     return parser
 
 

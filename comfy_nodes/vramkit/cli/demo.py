@@ -125,3 +125,24 @@ def attention_table(model: demo_model.TinyTransformer, x: torch.Tensor, referenc
     title = (f"attention modes: one call of {b}x{heads} heads x {n} tokens x {d // heads} ({x.dtype}), "
              f"and the whole model run with each mode")
     return title + "\n" + format_table(headers, rows)
+
+
+PLANNER_BUDGETS_GB = (48, 24, 16, 12, 8, 6)
+
+
+def planner_table(model: str = "flux-dev", width: int = 1024, height: int = 1024,
+                  budgets_gb: tuple[int, ...] = PLANNER_BUDGETS_GB) -> str:
+    """The fit planner on a built-in model for a few budgets (reference GPU speeds, no GPU needed)."""
+    from .. import plan as planner
+
+    profile = planner.model_profile(model)
+    rows: list[list[object]] = []
+    for gb in budgets_gb:
+        p = planner.plan_fit(profile, planner.reference_device(gb * planner.GIB), planner.job(width, height),
+                             gb * planner.GIB)
+        rows.append([f"{gb} GB", "yes" if p.fits else "no", ", ".join(p.rungs) or "(nothing)",
+                     f"{p.predicted_peak_bytes / planner.GIB:.2f} GiB", f"{p.predicted_step_seconds:.2f}"])
+    headers = ["VRAM", "fits", "what the plan applies (ladder order)", "predicted peak", "s/step"]
+    title = (f"vramkit plan: {model} at {width}x{height} on a reference GPU of each size "
+             f"(`vramkit plan {model} --vram GB --size {width}x{height}` explains each)")
+    return title + "\n" + format_table(headers, rows)

@@ -166,3 +166,21 @@ def quantized_layout_name(t: Any) -> str:
 def model_patcher_class() -> type:
     """ComfyUI's legacy ModelPatcher class (the one whose loader honours a resident budget)."""
     return importlib.import_module("comfy.model_patcher").ModelPatcher  # type: ignore[no-any-return]
+
+
+def free_memory(patcher: Any, device: torch.device) -> int:
+    """Memory a model can have on `device` now. Under Dynamic VRAM `torch.cuda.mem_get_info` under-reports
+    it: 0.29's ``ModelPatcher.get_free_memory`` adds what other models' VBARs give back; older ComfyUIs have
+    only ``model_management.get_free_memory``."""
+    probe = getattr(patcher, "get_free_memory", None)
+    if callable(probe):
+        return int(probe(device))
+    return int(model_management().get_free_memory(device))
+
+
+def set_model_options_wrapper(model_options: dict[str, Any], wrapper_type: str, key: str,
+                              wrapper: Callable[..., Any]) -> None:
+    """Puts `wrapper` under `key` in a model_options dict (a sampling run's own copy), replacing what was
+    there: the same storage ``ModelPatcher.add_wrapper_with_key`` uses, on every supported version."""
+    wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+    wrappers.setdefault(wrapper_type, {})[key] = [wrapper]

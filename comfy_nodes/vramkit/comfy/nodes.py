@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import attention_modes, budget, dtypes, measure, offload_encoders, precision, quantize_model, selection
+from . import attention_modes, auto, budget, dtypes, measure, offload_encoders, precision, quantize_model, selection
 
 CATEGORY = "VRAMKit"
 
@@ -199,6 +199,54 @@ class VRAMKitMeasure:
         return (measure.apply_measure(model, label),)
 
 
+class VRAMKitAutoOptimize:
+    DESCRIPTION = ("Plans how to fit this job into your VRAM and applies only what the plan needs, in the order "
+                   "of the ladder: 16-bit precision, efficient attention, text encoder / VAE offload, 8-bit "
+                   "weights, layer streaming, attention slicing. Where the model fits, nothing is applied. The "
+                   "plan (with a reason per step and the predicted peak and step time) is the second output. "
+                   "The safety net retries a sampling run that runs out of memory one rung higher.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "plan")
+    OUTPUT_TOOLTIPS = ("The model to sample with (the input itself, or a clone with the plan's patches).",
+                       "The plan: what was applied and why, predicted memory and time.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "width": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                              "tooltip": "Image width (used when no latent is connected)."}),
+            "height": ("INT", {"default": 1024, "min": 16, "max": 16384, "step": 16,
+                               "tooltip": "Image height (used when no latent is connected)."}),
+            "frames": ("INT", {"default": 1, "min": 1, "max": 4096,
+                               "tooltip": "Video frames (used when no latent is connected)."}),
+            "batch": ("INT", {"default": 1, "min": 1, "max": 4096,
+                              "tooltip": "Batch size (used when no latent is connected)."}),
+            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
+                                         "tooltip": "VRAM this job may use; 0 = what this GPU has free."}),
+            "preset": (list(auto.PRESETS), {
+                "default": "auto",
+                "tooltip": "auto plans; gpu-only / medvram / lowvram / novram fix the rungs like the launch "
+                           "flag, for this workflow only."}),
+            "safety_net": ("BOOLEAN", {"default": True,
+                                       "tooltip": "On out-of-memory while sampling: free caches, climb one rung, "
+                                                  "retry."}),
+        }, "optional": {
+            "clip": ("CLIP", {"tooltip": "The text encoder: counted, and freed after encoding if the plan says."}),
+            "vae": ("VAE", {"tooltip": "The VAE: counted, and kept off the GPU while sampling if the plan says."}),
+            "latent": ("LATENT", {"tooltip": "The latent to sample: its size replaces width/height/frames/batch."}),
+        }}
+
+    def run(self, model: Any, width: int, height: int, frames: int, batch: int, vram_budget_gb: float,
+            preset: str, safety_net: bool, clip: Any = None, vae: Any = None,
+            latent: dict[str, Any] | None = None) -> dict[str, Any]:
+        out, text, _record = auto.auto_optimize(model, clip, vae, latent, width, height, frames, batch,
+                                                vram_budget_gb, preset, safety_net)
+        return _with_text(text, out, text)
+
+
 class VRAMKitReport:
     DESCRIPTION = "Shows what 'Measure VRAM' recorded for the sampling run that produced this latent."
     CATEGORY = CATEGORY
@@ -213,6 +261,9 @@ class VRAMKitReport:
 
     def run(self, samples: dict[str, Any]) -> dict[str, Any]:
         text, numbers = measure.report(samples)
+        auto_text = auto.report(samples)
+        if auto_text is not None:
+            text = auto_text if numbers is None else f"{text}\n{auto_text}"
         ui: dict[str, list[Any]] = {"text": [text]}
         if numbers is not None:
             ui["vramkit_measurement"] = [numbers]
@@ -227,6 +278,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "VRAMKitFreeAfter": VRAMKitFreeAfter,
     "VRAMKitMeasure": VRAMKitMeasure,
     "VRAMKitReport": VRAMKitReport,
+    "VRAMKitAutoOptimize": VRAMKitAutoOptimize,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitQuantize": "Quantize weights (FP8/INT8)",
@@ -236,4 +288,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitFreeAfter": "Offload text encoder / VAE",
     "VRAMKitMeasure": "Measure VRAM",
     "VRAMKitReport": "VRAM report",
+    "VRAMKitAutoOptimize": "Auto-optimize for my VRAM",
 }

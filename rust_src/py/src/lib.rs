@@ -5,6 +5,7 @@ mod arrays;
 mod attention;
 mod bench;
 mod plan;
+mod plan_fit;
 mod quant;
 
 use pyo3::exceptions::{PyMemoryError, PyOverflowError, PyTypeError, PyValueError};
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     attention::register(m)?;
     plan::register(m)?;
+    plan_fit::register(m)?;
     bench::register(m)?;
     Ok(())
 }
