@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import attention_modes, auto, budget, dtypes, measure, offload_encoders, precision, quantize_model, selection
+from . import (
+    attention_modes,
+    auto,
+    budget,
+    display,
+    dtypes,
+    measure,
+    offload_encoders,
+    precision,
+    quantize_model,
+    selection,
+)
 
 CATEGORY = "VRAMKit"
 
@@ -27,8 +38,8 @@ ANY = AnyType("*")
 
 
 def _with_text(text: str, *result: Any) -> dict[str, Any]:
-    # Every value of a node's "ui" dict must be a list (ComfyUI concatenates them across list runs).
-    return {"ui": {"text": [text]}, "result": result}
+    """The node's outputs with its summary shown on the node (see `display.node_output`)."""
+    return display.node_output(text, *result)
 
 
 class VRAMKitQuantize:
@@ -102,9 +113,9 @@ class VRAMKitAttention:
                                                     "0 = auto (from free memory)."}),
         }}
 
-    def run(self, model: Any, mode: str, memory_budget_mb: int) -> tuple[Any]:
-        out, _text = attention_modes.apply_attention(model, mode, memory_budget_mb)
-        return (out,)
+    def run(self, model: Any, mode: str, memory_budget_mb: int) -> dict[str, Any]:
+        out, text = attention_modes.apply_attention(model, mode, memory_budget_mb)
+        return display.node_output(text, out)
 
 
 class VRAMKitOffload:
@@ -264,10 +275,13 @@ class VRAMKitReport:
         auto_text = auto.report(samples)
         if auto_text is not None:
             text = auto_text if numbers is None else f"{text}\n{auto_text}"
-        ui: dict[str, list[Any]] = {"text": [text]}
-        if numbers is not None:
-            ui["vramkit_measurement"] = [numbers]
-        return {"ui": ui, "result": (samples,)}
+        if numbers is None:
+            return display.node_output(text, samples)
+        found = measure.find(samples["samples"])
+        chart = found.chart() if found is not None else None
+        if chart is not None:
+            text = "\n".join([text, *display.chart_lines(chart)])
+        return display.node_output(text, samples, chart=chart, extra={"vramkit_measurement": numbers})
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
