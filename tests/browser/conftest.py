@@ -168,8 +168,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     running = Server(Path(COMFYUI_PATH), base, cpu=not torch.cuda.is_available(), frontend_root=FRONTEND_STATIC)
     try:
         running.wait_ready()
-        # No first-run templates dialog over the canvas.
+        # No first-run templates dialog over the canvas, no minimap over the nodes in the screenshots.
         running.set_setting("Comfy.TutorialCompleted", True)
+        running.set_setting("Comfy.Minimap.Visible", False)
         yield running
     finally:
         running.stop()

@@ -5,12 +5,17 @@
 
   // A tiny graph with every VRAMKit node, on the test server's tiny SD1.5-shaped model. `variant` changes a
   // few inputs of every VRAMKit node so that two graphs built in one server session do not share a cache.
-  function buildTinyGraph(variant) {
+  // Built on the canvas, then opened as a workflow (app.loadGraphData, as when a user opens a file), so the
+  // Vue renderer starts from a clean state instead of what it kept from the graph shown before.
+  async function buildTinyGraph(variant) {
     const graph = app.graph;
     graph.clear();
-    const add = (type, values = {}) => {
+    // Positions leave room for the summaries the nodes grow to show (set before the node is added: the Vue
+    // renderer of older frontends takes a node's position when it is added, not later assignments).
+    const add = (type, values, [column, y]) => {
       const node = LiteGraph.createNode(type);
       if (!node) throw new Error(`node type ${type} is not registered`);
+      node.pos = [20 + column * 440, 50 + y];
       graph.add(node);
       for (const [name, value] of Object.entries(values)) {
         const widget = node.widgets?.find((w) => w.name === name);
@@ -25,19 +30,19 @@
       from.connect(slot, to, index);
     };
     const v = variant % 2;
-    const unet = add("UNETLoader", { unet_name: "vramkit_tiny_sd15.safetensors" });
-    const precision = add("VRAMKitPrecision", { compute_dtype: v ? "fp32" : "default" });
-    const quantize = add("VRAMKitQuantize", { group_size: v ? 32 : 64 });
-    const attention = add("VRAMKitAttention", { mode: "chunked" });
-    const offload = add("VRAMKitOffload", { vram_budget_gb: v ? 0.5 : 0.25 });
-    const measure = add("VRAMKitMeasure", { label: `browser test ${variant}` });
-    const positive = add("VRAMKitTestConditioning", { text: `a lighthouse ${variant}`, kind: "sd15" });
-    const negative = add("VRAMKitTestConditioning", { text: "", kind: "sd15" });
-    const vae = add("VAELoader", { vae_name: "pixel_space" });
-    const free = add("VRAMKitFreeAfter");
-    const latent = add("EmptyLatentImage", { width: 64, height: 64 });
-    const sampler = add("KSampler", { seed: 7 + variant, control_after_generate: "fixed", steps: 2 });
-    const report = add("VRAMKitReport");
+    const unet = add("UNETLoader", { unet_name: "vramkit_tiny_sd15.safetensors" }, [0, 0]);
+    const precision = add("VRAMKitPrecision", { compute_dtype: v ? "fp32" : "default" }, [0, 150]);
+    const quantize = add("VRAMKitQuantize", { group_size: v ? 32 : 64 }, [0, 420]);
+    const attention = add("VRAMKitAttention", { mode: "chunked" }, [1, 0]);
+    const offload = add("VRAMKitOffload", { vram_budget_gb: v ? 0.5 : 0.25 }, [1, 230]);
+    const measure = add("VRAMKitMeasure", { label: `browser test ${variant}` }, [1, 510]);
+    const positive = add("VRAMKitTestConditioning", { text: `a lighthouse ${variant}`, kind: "sd15" }, [2, 0]);
+    const negative = add("VRAMKitTestConditioning", { text: "", kind: "sd15" }, [2, 150]);
+    const vae = add("VAELoader", { vae_name: "pixel_space" }, [2, 300]);
+    const free = add("VRAMKitFreeAfter", {}, [2, 400]);
+    const latent = add("EmptyLatentImage", { width: 64, height: 64 }, [3, 0]);
+    const sampler = add("KSampler", { seed: 7 + variant, control_after_generate: "fixed", steps: 2 }, [3, 170]);
+    const report = add("VRAMKitReport", {}, [3, 500]);
     link(unet, 0, precision, "model");
     link(precision, 0, quantize, "model");
     link(quantize, 0, attention, "model");
@@ -50,8 +55,9 @@
     link(negative, 0, sampler, "negative");
     link(latent, 0, sampler, "latent_image");
     link(sampler, 0, report, "samples");
-    arrange();
-    return graph._nodes.map((n) => ({ id: n.id, type: n.type }));
+    const workflow = graph.serialize();
+    await app.loadGraphData(workflow, true, true, `vramkit tiny graph ${variant}`);
+    return app.graph._nodes.map((n) => ({ id: n.id, type: n.type }));
   }
 
   // Columns in graph order, each node below the previous one at its current size, so grown nodes never

@@ -49,11 +49,14 @@ COMPONENTS: dict[str, str] = {
 
 
 def format_bytes(n: float) -> str:
-    """Bytes for people: GB from 1 GiB up, else MB (binary units, as ComfyUI logs them)."""
-    gb = n / 2**30
-    if abs(gb) >= 1:
-        return f"{gb:.{0 if abs(gb) >= 100 else 1 if abs(gb) >= 10 else 2}f} GB"
-    return f"{n / 2**20:.{0 if abs(n) >= 10 * 2**20 else 1}f} MB"
+    """Bytes for people: GB from 1 GiB up, else MB (binary units, as ComfyUI logs them); about three
+    significant digits, decided after rounding (9.999 GB reads "10.0 GB"). The frontend formats the same."""
+    gb = abs(n) / 2**30
+    sign = "-" if n < 0 else ""
+    if gb >= 0.9995:
+        return f"{sign}{gb:.{0 if gb >= 99.95 else 1 if gb >= 9.995 else 2}f} GB"
+    mb = abs(n) / 2**20
+    return f"{sign}{mb:.{0 if mb >= 9.95 else 1}f} MB"
 
 
 def _bytes(value: Any, what: str) -> int:

@@ -52,9 +52,11 @@ function addStyle() {
 
 function formatBytes(bytes) {
   if (bytes == null || !Number.isFinite(bytes)) return "?";
+  // Three significant digits, decided after rounding (9.999 GB reads "10.0 GB"), as display.format_bytes.
   const gb = bytes / 2 ** 30;
-  if (gb >= 1) return `${gb.toFixed(gb >= 100 ? 0 : gb >= 10 ? 1 : 2)} GB`;
-  return `${(bytes / 2 ** 20).toFixed(bytes >= 10 * 2 ** 20 ? 0 : 1)} MB`;
+  if (gb >= 0.9995) return `${gb.toFixed(gb >= 99.95 ? 0 : gb >= 9.995 ? 1 : 2)} GB`;
+  const mb = bytes / 2 ** 20;
+  return `${mb.toFixed(mb >= 9.95 ? 0 : 1)} MB`;
 }
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -82,7 +84,8 @@ function drawChart(chart, width) {
   const scaleMax = Math.max(chart.capacity_bytes ?? 0, chart.budget_bytes ?? 0, ...totals, 1);
   const labelWidth = 72;
   const x0 = labelWidth;
-  const x1 = width - 8;
+  const totalWidth = 58; // the totals column, right of the bars
+  const x1 = width - totalWidth - 4;
   const px = (bytes) => x0 + ((x1 - x0) * Math.max(0, bytes)) / scaleMax;
   const barHeight = 18;
   const rowHeight = 26;
@@ -96,7 +99,8 @@ function drawChart(chart, width) {
   // Two legend columns when every label fits in half the width, else one.
   const columns = keys.every((key) => textWidth(legendLabel(key), 10) + 18 <= width / 2) ? 2 : 1;
   const legendRows = Math.ceil(keys.length / columns);
-  const height = top + bars.length * rowHeight + 16 + legendRows * 16;
+  const legendTop = top + bars.length * rowHeight + 24;
+  const height = legendTop + legendRows * 16 - 4;
   const root = svg("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
   root.append(svg("title", {}, chart.title ?? "memory"));
   const text = (x, y, value, extra = {}) =>
@@ -117,10 +121,7 @@ function drawChart(chart, width) {
       root.append(rect);
       start += bytes;
     }
-    const totalX = px(totals[i]);
-    const label = formatBytes(totals[i]);
-    const inside = totalX > x1 - 60;
-    text(inside ? totalX - 4 : totalX + 4, y + 13, label, inside ? { "text-anchor": "end", fill: "#111" } : {});
+    text(width, y + 13, formatBytes(totals[i]), { "text-anchor": "end", "font-weight": 600 });
   });
   const barsBottom = top + bars.length * rowHeight - (rowHeight - barHeight);
   const marker = (bytes, name, dashed, anchorTop) => {
@@ -128,13 +129,12 @@ function drawChart(chart, width) {
     const x = px(bytes);
     root.append(svg("line", { x1: x, x2: x, y1: top - 4, y2: barsBottom + 4, stroke: "currentColor",
                               "stroke-width": 1.5, ...(dashed ? { "stroke-dasharray": "4 3" } : {}) }));
-    const anchor = x > width - 90 ? "end" : "middle";
+    const anchor = x > x1 - 40 ? "end" : x < x0 + 40 ? "start" : "middle";
     text(x, anchorTop ? top - 6 : barsBottom + 14, `${name} ${formatBytes(bytes)}`,
          { "text-anchor": anchor, "font-size": 10 });
   };
   marker(chart.capacity_bytes, chart.capacity_label ?? "capacity", false, true);
   marker(chart.budget_bytes, "budget", true, false);
-  const legendTop = top + bars.length * rowHeight + 16;
   keys.forEach((key, i) => {
     const info = COMPONENTS[key] ?? COMPONENTS.other;
     const x = (i % columns) * Math.floor(width / columns);
