@@ -9,6 +9,8 @@ Needs, and skips with the reason when one is missing:
 - Python playwright, and a Chromium binary: ``VRAMKIT_CHROMIUM``, else ``chromium`` / ``chromium-browser`` on
   PATH (Debian's ``apt-get install chromium``). Playwright never downloads a browser here.
 
+With ``VRAMKIT_REQUIRE_BROWSER=1`` (CI) a missing piece fails the tests instead.
+
 Screenshots go to ``VRAMKIT_SCREENSHOTS`` or a fresh folder under the temp dir; the path is printed at the end
 of the run (they are for looking at, not committed).
 """
@@ -113,12 +115,21 @@ def _problem() -> tuple[str | None, Path | None, str, str | None]:
 PROBLEM, FRONTEND_STATIC, FRONTEND_VERSION, CHROMIUM = _problem()
 
 
+#: CI sets this: there a missing piece is a failure, not a skip.
+REQUIRED = os.environ.get("VRAMKIT_REQUIRE_BROWSER", "") not in ("", "0")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.browser)
-            if PROBLEM:
+            if PROBLEM and not REQUIRED:
                 item.add_marker(pytest.mark.skip(reason=PROBLEM))
+
+
+def _require() -> None:
+    if PROBLEM:  # only reached with VRAMKIT_REQUIRE_BROWSER (otherwise the tests were skipped)
+        pytest.fail(f"VRAMKIT_REQUIRE_BROWSER is set but the browser test cannot run: {PROBLEM}")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -160,6 +171,7 @@ class Server(comfy_server.ComfyServer):
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A ComfyUI server serving the pinned frontend, with VRAMKit as a git clone and the tiny test models."""
+    _require()
     import torch
 
     assert FRONTEND_STATIC is not None
@@ -178,6 +190,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Any]:
+    _require()
     from playwright.sync_api import sync_playwright
 
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
