@@ -51,7 +51,8 @@ def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
 
 
 def test_demo_refuses_nonsense() -> None:
-    assert cli.main(["demo", "--blocks", "0"]) == 2
+    with pytest.raises(ValueError, match="blocks and tokens must be positive"):
+        demo.run(blocks=0)
 
 
 def test_bench_quant_prints_every_kernel_with_ratios() -> None:
@@ -120,3 +121,53 @@ def test_quantized_layer_weight_equals_qtensor() -> None:
         layer.weight.copy_(w)
     q = QuantizedLinear.from_linear(layer, "fp8_e5m2", "tensor")
     assert torch.equal(q.qweight.data, quant.quantize(w, "fp8_e5m2", "tensor").data)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramkit import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"vramkit {__version__} (Python ")
+
+
+@pytest.mark.parametrize(("argv", "shown", "hidden"), [
+    (["bench", "quant", "--help"], ["--elements", "--repeats", "(default: 7)"], ["--quick"]),
+    (["bench", "attention", "--help"], ["--quick", "--repeats"], ["--elements"]),
+    (["demo", "--help"], ["--blocks", "(default: 4)", "--tokens", "(default: 512)"], ["--repeats"]),
+    (["install-comfyui", "--help"], ["custom_nodes/", "--force"], ["--blocks"]),
+])
+def test_each_verb_helps_with_its_own_flags(argv, shown, hidden, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    for text in shown:
+        assert text in out
+    for text in hidden:
+        assert text not in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "quant", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["bench", "quant", "--elements", "0"], "argument --elements: must be at least 1, got 0"),
+    (["bench", "attention", "--repeats", "-2"], "argument --repeats: must be at least 1, got -2"),
+    (["demo", "--tokens", "-1"], "argument --tokens: must be at least 1, got -1"),
+    (["demo", "--blocks", "two"], "argument --blocks: expected a whole number, got 'two'"),
+    (["demo", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+])
+def test_bad_values_get_argparse_errors_naming_the_flag(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_apis_refuse_nonsense_too() -> None:
+    from vramkit.cli.bench import quant as bench_quant
+    from vramkit.cli.bench.timing import measure
+
+    with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
+        measure({"noop": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="elements must be a whole number >= 1"):
+        bench_quant.run(elements=0)
