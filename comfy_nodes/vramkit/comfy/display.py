@@ -14,6 +14,7 @@ The chart format (version 1), also what the Auto node sends for its plan::
       "capacity_bytes": 25769803776 | null,        # the device's memory (solid line)
       "capacity_label": "capacity",                # what the solid line is ("capacity", "system RAM")
       "budget_bytes": 12884901888 | null,          # the budget in force (dashed line)
+      "budget_label": "budget",                    # what the dashed line is ("budget", "weights budget")
       "bars": [                                    # one stacked bar each, drawn top to bottom
         {"label": "predicted", "segments": [{"key": "resident_weights", "bytes": 123, "label": "..."}, ...]},
         {"label": "measured", "segments": [...]}
@@ -89,7 +90,7 @@ def bar(label: str, segments: Mapping[str, float], labels: Mapping[str, str] | N
 
 def memory_chart(title: str, bars: Sequence[Mapping[str, Any]], *, device: str = "",
                  capacity_bytes: float | None = None, budget_bytes: float | None = None,
-                 capacity_label: str = "capacity") -> dict[str, Any]:
+                 capacity_label: str = "capacity", budget_label: str = "budget") -> dict[str, Any]:
     """A chart in the documented format (bars from `bar`)."""
     if not bars:
         raise ValueError("a memory chart needs at least one bar")
@@ -98,6 +99,7 @@ def memory_chart(title: str, bars: Sequence[Mapping[str, Any]], *, device: str =
         "capacity_bytes": None if capacity_bytes is None else _bytes(capacity_bytes, "capacity_bytes"),
         "capacity_label": str(capacity_label),
         "budget_bytes": None if budget_bytes is None else _bytes(budget_bytes, "budget_bytes"),
+        "budget_label": str(budget_label),
         "bars": [dict(b) for b in bars],
     }
 
@@ -118,7 +120,7 @@ def chart_lines(chart: Mapping[str, Any]) -> list[str]:
     if chart.get("capacity_bytes"):
         limits.append(f"{chart.get('capacity_label', 'capacity')} {format_bytes(chart['capacity_bytes'])}")
     if chart.get("budget_bytes"):
-        limits.append(f"budget {format_bytes(chart['budget_bytes'])}")
+        limits.append(f"{chart.get('budget_label', 'budget')} {format_bytes(chart['budget_bytes'])}")
     if limits:
         lines.append(", ".join(limits) + (f" on {chart['device']}" if chart.get("device") else ""))
     return lines

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from . import compat, display, patch
+from . import budget, compat, display, patch
+from .display import format_bytes
 
 WRAPPER_NAME = "measure"
 #: Recent measurements, newest last (a report looks them up by the latent they produced).
@@ -56,14 +57,19 @@ class Measurement:
         return statistics.median(self.step_seconds) if self.step_seconds else 0.0
 
     def summary(self) -> str:
-        mb = 2**20
+        """For the user, on the report node: the peak, the speed, and where this model's weights were."""
         head = f"{self.label}: " if self.label else ""
-        text = (f"{head}peak {self.peak_kind} {self.peak_bytes / mb:.1f} MB on {self.device} "
-                f"(was {self.start_bytes / mb:.1f} MB before sampling); {self.steps} steps, "
-                f"{self.seconds_per_step:.3f} s/step (median), {self.total_seconds:.2f} s in all, of which "
-                f"{self.load_seconds:.2f} s loading; weights resident {self.resident_bytes / mb:.1f} of "
-                f"{self.model_bytes / mb:.1f} MB.")
-        return text
+        memory = "VRAM" if self.peak_kind.endswith("VRAM") else "RAM"
+        lines = [f"{head}peak {self.peak_kind} {format_bytes(self.peak_bytes)} on {self.device} while sampling "
+                 f"({format_bytes(max(self.peak_bytes - self.start_bytes, 0))} above what was in use before); "
+                 f"{self.steps} steps at {self.seconds_per_step:.3f} s/step (median), {self.total_seconds:.2f} s "
+                 f"in all, {self.load_seconds:.2f} s of it loading."]
+        if self.model_bytes:
+            where = "all of them" if self.resident_bytes >= self.model_bytes else "the rest streamed each step"
+            lines.append(f"This model's weights: {format_bytes(self.resident_bytes)} of "
+                         f"{format_bytes(self.model_bytes)} stayed in {memory} ({where}).")
+        lines.append("To compare: change one thing (a VRAMKit node), run again, and read this report again.")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -92,7 +98,7 @@ class Measurement:
         return display.memory_chart(
             f"{memory} at the sampling peak", [measured], device=self.device,
             capacity_bytes=self.capacity_bytes or None, budget_bytes=self.budget_bytes,
-            capacity_label="capacity" if memory == "VRAM" else "system RAM")
+            capacity_label="capacity" if memory == "VRAM" else "system RAM", budget_label="weights budget")
 
 
 def fingerprint(latent: torch.Tensor) -> tuple[float, float]:
@@ -215,14 +221,14 @@ def device_capacity(device: torch.device) -> int:
 def _budget(patcher: Any) -> int | None:
     """The resident budget a VRAMKit offload wrapper applied to `patcher` in this run, if any."""
     try:
-        wrappers = patcher.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, patch.key("offload"))
+        wrappers = patcher.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, patch.key(budget.WRAPPER_NAME))
     except Exception:
         return None
     for wrapper in wrappers:
         last = getattr(wrapper, "last", None)
-        budget = getattr(last, "budget_bytes", None)
-        if isinstance(budget, int) and budget > 0:
-            return budget
+        applied = getattr(last, "budget_bytes", None)
+        if isinstance(applied, int) and applied > 0:
+            return applied
     return None
 
 

@@ -99,6 +99,7 @@ class VRAMKitAttention:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this attention (a clone; the input model is unchanged).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -128,13 +129,19 @@ class VRAMKitOffload:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The model held to the budget (a clone; the input model is unchanged).",
+                       "What stays in VRAM, what streams, and what it costs.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to stream."}),
-            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
-                                         "tooltip": "Most VRAM this model's weights may take; 0 = auto."}),
+            # step 0.1: the frontend rounds a FLOAT to the decimals of its step (0.25 would show and round
+            # as 0.3).
+            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.1,
+                                         "tooltip": "Most VRAM this model's weights may take, in GB; the rest "
+                                                    "streams from RAM each step. 0 = auto (what fits beside "
+                                                    "the activations of this image size)."}),
             "engine": (list(budget.ENGINES), {
                 "default": "comfy", "tooltip": "comfy: ComfyUI's per-layer streaming, held to the budget."}),
         }}
@@ -153,11 +160,13 @@ class VRAMKitPrecision:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The model with these dtypes (a clone; the input model is unchanged).",
+                       "What was converted and the VRAM it saves.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "model": ("MODEL", {}),
+            "model": ("MODEL", {"tooltip": "The diffusion model whose storage and compute dtypes to set."}),
             "weight_dtype": (list(dtypes.CHOICES), {
                 "default": "default",
                 "tooltip": "How the weights are stored. bf16 works on any GPU: the weights are cast to the "
@@ -180,6 +189,7 @@ class VRAMKitFreeAfter:
     FUNCTION = "run"
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("passthrough",)
+    OUTPUT_TOOLTIPS = ("The input, unchanged (connect it where the input was going).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -200,11 +210,14 @@ class VRAMKitMeasure:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model, measured whenever it samples (a clone).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"model": ("MODEL", {}),
-                             "label": ("STRING", {"default": "", "tooltip": "Shown in the report."})}}
+        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model to measure; connect this node's "
+                                                            "output to the sampler."}),
+                             "label": ("STRING", {"default": "", "tooltip": "A name for this run, shown in the "
+                                                                            "report (e.g. 'int8 + chunked')."})}}
 
     def run(self, model: Any, label: str) -> tuple[Any]:
         return (measure.apply_measure(model, label),)
@@ -265,6 +278,7 @@ class VRAMKitReport:
     OUTPUT_NODE = True
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("The latent, unchanged (connect it to VAE Decode).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:

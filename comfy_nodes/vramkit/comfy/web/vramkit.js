@@ -134,7 +134,7 @@ function drawChart(chart, width) {
          { "text-anchor": anchor, "font-size": 10 });
   };
   marker(chart.capacity_bytes, chart.capacity_label ?? "capacity", false, true);
-  marker(chart.budget_bytes, "budget", true, false);
+  marker(chart.budget_bytes, chart.budget_label ?? "budget", true, false);
   keys.forEach((key, i) => {
     const info = COMPONENTS[key] ?? COMPONENTS.other;
     const x = (i % columns) * Math.floor(width / columns);
