@@ -168,7 +168,10 @@ function contentWidth(node) {
 // MAX_TEXT_HEIGHT, then it scrolls). Returns the widget's height.
 function layout(node, widget) {
   const state = widget.vramkit;
-  const width = contentWidth(node);
+  // The narrower of the node's content width and the element's width on the page (the Vue renderer pads nodes
+  // more; right after a resize the element may still have its old width): never too wide, so never clipped.
+  const shown = widget.element?.isConnected ? widget.element.clientWidth : 0;
+  const width = shown > 50 ? Math.min(shown, contentWidth(node)) : contentWidth(node);
   state.chartBox.replaceChildren();
   let height = 0;
   if (state.chart) {
