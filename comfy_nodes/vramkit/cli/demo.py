@@ -104,10 +104,11 @@ QUANT_COLUMNS = """\
 Everything here is measured on this CPU: bytes in RAM and CPU time, not VRAM or GPU speed. The same weights
 take the same bytes in VRAM, so "compression" is what a format saves in VRAM.
 - weight bytes, compression: the model's weights in that format (8 bits: about half of bf16; more is better).
-- output SNR dB: how close the output stays to the bf16 run; higher is better, +10 dB is 10x less error.
+- output SNR dB: how close the output stays to the bf16 run; higher is better (+10 dB: a tenth of the error
+  power).
 - max abs err: the largest single difference from the bf16 output; lower is better.
-- quantize ms: converting the weights, once per model load. run ms: one forward pass here (8-bit weights are
-  dequantized layer by layer as they run; on a GPU the time is dominated by the math, as here)."""
+- quantize ms: converting the weights, once per model load. run ms: one forward pass on this CPU (8-bit weights
+  are turned back into bf16 layer by layer as they run, so about the bf16 time; times vary with machine load)."""
 
 #: What the attention table's columns mean, printed under it.
 ATTENTION_COLUMNS = """\
