@@ -34,8 +34,8 @@
     const precision = add("VRAMKitPrecision", { compute_dtype: v ? "fp32" : "default" }, [0, 150]);
     const quantize = add("VRAMKitQuantize", { group_size: v ? 32 : 64 }, [0, 420]);
     const attention = add("VRAMKitAttention", { mode: "chunked" }, [1, 0]);
-    const offload = add("VRAMKitOffload", { vram_budget_gb: v ? 0.5 : 0.3 }, [1, 230]);
-    const measure = add("VRAMKitMeasure", { label: `browser test ${variant}` }, [1, 510]);
+    const offload = add("VRAMKitOffload", { vram_budget_gb: v ? 0.5 : 0.3 }, [1, 300]);
+    const measure = add("VRAMKitMeasure", { label: `browser test ${variant}` }, [1, 640]);
     const positive = add("VRAMKitTestConditioning", { text: `a lighthouse ${variant}`, kind: "sd15" }, [2, 0]);
     const negative = add("VRAMKitTestConditioning", { text: "", kind: "sd15" }, [2, 150]);
     const vae = add("VAELoader", { vae_name: "pixel_space" }, [2, 300]);

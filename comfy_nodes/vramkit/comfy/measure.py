@@ -26,6 +26,8 @@ from . import budget, compat, display, patch
 from .display import format_bytes
 
 WRAPPER_NAME = "measure"
+#: The report's last line.
+COMPARE_HINT = "To compare: change one thing (a VRAMKit node), run again, and read this report again."
 #: Recent measurements, newest last (a report looks them up by the latent they produced).
 RECENT: collections.deque[Measurement] = collections.deque(maxlen=64)
 
@@ -68,7 +70,6 @@ class Measurement:
             where = "all of them" if self.resident_bytes >= self.model_bytes else "the rest streamed each step"
             lines.append(f"This model's weights: {format_bytes(self.resident_bytes)} of "
                          f"{format_bytes(self.model_bytes)} stayed in {memory} ({where}).")
-        lines.append("To compare: change one thing (a VRAMKit node), run again, and read this report again.")
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:

@@ -293,8 +293,7 @@ class VRAMKitReport:
             return display.node_output(text, samples)
         found = measure.find(samples["samples"])
         chart = found.chart() if found is not None else None
-        if chart is not None:
-            text = "\n".join([text, *display.chart_lines(chart)])
+        text = "\n".join([text, *(display.chart_lines(chart) if chart is not None else []), measure.COMPARE_HINT])
         return display.node_output(text, samples, chart=chart, extra={"vramkit_measurement": numbers})
 
 
