@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -28,9 +29,9 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 
 def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
-    quant_table, attention_table = demo.run(blocks=2, tokens=256, dim=128, heads=4).split("\n\n")
-    lines = quant_table.splitlines()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[3:]}
+    quant_part, attention_part, next_steps = demo.run(blocks=2, tokens=256, dim=128, heads=4).split("\n\n")
+    lines = [line for line in quant_part.splitlines() if line.startswith("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
     assert set(rows) == {"bf16 (reference)", *(s.label for s in demo.SCHEMES)}
     for label, cells in rows.items():
         compression = float(cells[1].rstrip("x"))
@@ -42,16 +43,22 @@ def test_demo_prints_a_row_per_scheme_with_sensible_numbers() -> None:
     assert snr["int8 per-channel"] > snr["int8 per-tensor (ComfyUI int8_tensorwise)"]
 
     modes = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
-             for line in attention_table.splitlines()[3:]}
+             for line in [line for line in attention_part.splitlines() if line.startswith("|")][2:]}
     assert set(modes) == set(demo.ATTENTION_MODES)
     chunked = modes["chunked"]
     assert float(chunked[0]) > 0 and float(chunked[3]) > 0
     assert float(chunked[2].rstrip("%")) < 100  # linear memory: below one N x N score matrix
     assert float(chunked[4]) > 30  # the same outputs as sdpa up to bf16 rounding
+    # The demo explains its columns and ends with what to try in ComfyUI.
+    assert "output SNR dB: how close the output stays to the bf16 run; higher is better" in quant_part
+    assert "not VRAM or GPU speed" in quant_part
+    assert "below 100% means attention memory grows" in attention_part
+    assert next_steps.startswith("Next, in ComfyUI") and "Quantize weights (FP8/INT8)" in next_steps
 
 
 def test_demo_refuses_nonsense() -> None:
-    assert cli.main(["demo", "--blocks", "0"]) == 2
+    with pytest.raises(ValueError, match="blocks and tokens must be positive"):
+        demo.run(blocks=0)
 
 
 def test_bench_quant_prints_every_kernel_with_ratios() -> None:
@@ -120,3 +127,73 @@ def test_quantized_layer_weight_equals_qtensor() -> None:
         layer.weight.copy_(w)
     q = QuantizedLinear.from_linear(layer, "fp8_e5m2", "tensor")
     assert torch.equal(q.qweight.data, quant.quantize(w, "fp8_e5m2", "tensor").data)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from vramkit import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"vramkit {__version__} (Python ")
+
+
+@pytest.mark.parametrize(("argv", "shown", "hidden"), [
+    (["bench", "quant", "--help"], ["--elements", "--repeats", "(default: 7)"], ["--quick"]),
+    (["bench", "attention", "--help"], ["--quick", "--repeats"], ["--elements"]),
+    (["demo", "--help"], ["--blocks", "(default: 4)", "--tokens", "(default: 512)"], ["--repeats"]),
+    (["install-comfyui", "--help"], ["custom_nodes/", "--force"], ["--blocks"]),
+])
+def test_each_verb_helps_with_its_own_flags(argv, shown, hidden, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    for text in shown:
+        assert text in out
+    for text in hidden:
+        assert text not in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["bench", "quant", "--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["bench", "quant", "--elements", "0"], "argument --elements: must be at least 1, got 0"),
+    (["bench", "attention", "--repeats", "-2"], "argument --repeats: must be at least 1, got -2"),
+    (["demo", "--tokens", "-1"], "argument --tokens: must be at least 1, got -1"),
+    (["demo", "--blocks", "two"], "argument --blocks: expected a whole number, got 'two'"),
+    (["demo", "--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+])
+def test_bad_values_get_argparse_errors_naming_the_flag(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_apis_refuse_nonsense_too() -> None:
+    from vramkit.cli.bench import quant as bench_quant
+    from vramkit.cli.bench.timing import measure
+
+    with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
+        measure({"noop": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="elements must be a whole number >= 1"):
+        bench_quant.run(elements=0)
+
+
+def test_cpu_memory_measurement_prints_nothing_of_its_own() -> None:
+    """The demo measures CPU attention memory with torch's profiler, whose C++ backend logs on start and stop
+    (a "USDT: ... profiler_start" line on newer torch): none of it reaches the terminal, all else does."""
+    code = textwrap.dedent("""
+        import os, torch
+        from vramkit.attention import measure
+        with measure._quiet_native_output():
+            os.write(1, b"native noise on stdout\\n")
+            os.write(2, b"native noise on stderr\\n")
+        _, peak = measure.peak_bytes(lambda: torch.ones(256, 256) * 2, torch.device("cpu"))
+        _, peak = measure.peak_bytes(lambda: torch.ones(256, 256) * 2, torch.device("cpu"))
+        print("peak", peak > 0)
+        os.write(2, b"after\\n")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "peak True\n"
+    assert done.stderr == "after\n"

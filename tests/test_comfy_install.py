@@ -146,4 +146,38 @@ def test_loader_without_vramkit_logs_how_to_install(comfyui: Path) -> None:
     """)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "nodes 0"
-    assert "-m pip install <a VRAMKit clone or wheel>" in done.stderr
+    assert "-m pip install vramkit (or a VRAMKit wheel or clone)" in done.stderr
+
+
+def test_install_into_a_comfyui_user_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ComfyUI Desktop and --base-directory keep custom_nodes/ in a folder without ComfyUI's code (Desktop with
+    its own .venv there): the loader goes into that custom_nodes/, and the command says which Python to use."""
+    user = tmp_path / "ComfyUI Desktop"
+    (user / "custom_nodes").mkdir(parents=True)
+    (user / "models").mkdir()
+    venv_python = user / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("")
+    assert cli.main(["install-comfyui", str(user)]) == 0
+    out = capsys.readouterr().out
+    assert (user / "custom_nodes" / install.LOADER_DIR / "__init__.py").read_text() == install.LOADER_SOURCE
+    assert f"installed in {sys.executable}" in out
+    assert f"{venv_python} -m pip install vramkit==" in out  # Desktop's own Python needs VRAMKit too
+
+
+def test_loader_folder_gives_the_node_badge_its_name(comfyui: Path) -> None:
+    # The frontend's source badge shows the custom_nodes folder name ("ComfyUI-" prefixes dropped).
+    assert install.install_into_comfyui(comfyui).name == "VRAMKit"
+
+
+def test_install_replaces_the_old_loader_folder(comfyui: Path) -> None:
+    old = comfyui / "custom_nodes" / "vramkit-loader"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text(install.LOADER_SOURCE.replace("vramkit.comfy", "vramkit.comfy "))
+    loader = install.install_into_comfyui(comfyui)
+    assert not old.exists() and (loader / "__init__.py").is_file()
+
+
+def test_install_error_says_what_to_pass(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"neither main.py and comfy/ .* nor custom_nodes/"):
+        install.install_into_comfyui(tmp_path)

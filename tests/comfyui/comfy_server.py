@@ -55,16 +55,43 @@ def prepare_base(base: Path) -> None:
     (base / "frontend").mkdir(exist_ok=True)  # --front-end-root: no frontend package needed
 
 
+def import_problem(comfyui_path: str) -> str | None:
+    """Why the ComfyUI at `comfyui_path` cannot be used in this process (None when it can): imports it with
+    ``--cpu`` semantics unless CUDA is present (``args.cpu`` is set before ``comfy.model_management``)."""
+    if not comfyui_path:
+        return "COMFYUI_PATH is not set (point it at a ComfyUI folder to run these tests)"
+    root = Path(comfyui_path)
+    if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
+        return f"COMFYUI_PATH={comfyui_path} is not a ComfyUI folder (no main.py and comfy/)"
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        import torch
+        from comfy.cli_args import args
+
+        if not torch.cuda.is_available():
+            args.cpu = True  # before comfy.model_management is imported
+        import comfy.model_management
+        import comfy.sample
+        import comfy.sd  # noqa: F401
+    except Exception as exc:  # any import failure means: skip, with the reason
+        return f"cannot import ComfyUI from {comfyui_path}: {type(exc).__name__}: {exc}"
+    return None
+
+
 class ComfyServer:
-    def __init__(self, comfyui: Path, base: Path, cpu: bool = True, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, comfyui: Path, base: Path, cpu: bool = True, extra_args: tuple[str, ...] = (),
+                 frontend_root: Path | None = None) -> None:
+        """`frontend_root`: a frontend's static folder to serve (default: an empty one, for API-only tests)."""
         self.comfyui = comfyui
         self.base = base
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = base / f"server-{self.port}.log"
+        front_end = frontend_root if frontend_root is not None else base / "frontend"
         args = [sys.executable, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
-                "--front-end-root", str(base / "frontend"), "--disable-api-nodes", *extra_args]
+                "--front-end-root", str(front_end), "--disable-api-nodes", *extra_args]
         if cpu:
             args.append("--cpu")
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop())

@@ -21,29 +21,9 @@ sys.path.insert(0, str(HERE))  # tiny_models, helpers, workflow_tools (tests use
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH", "")
 
+import comfy_server  # noqa: E402 (needs the sys.path entry above)
 
-def _import_problem() -> str | None:
-    if not COMFYUI_PATH:
-        return "COMFYUI_PATH is not set (point it at a ComfyUI folder to run these tests)"
-    root = Path(COMFYUI_PATH)
-    if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
-        return f"COMFYUI_PATH={COMFYUI_PATH} is not a ComfyUI folder (no main.py and comfy/)"
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from comfy.cli_args import args
-
-        if not torch.cuda.is_available():
-            args.cpu = True  # before comfy.model_management is imported
-        import comfy.model_management
-        import comfy.sample
-        import comfy.sd  # noqa: F401
-    except Exception as exc:  # any import failure means: skip, with the reason
-        return f"cannot import ComfyUI from {COMFYUI_PATH}: {type(exc).__name__}: {exc}"
-    return None
-
-
-PROBLEM = _import_problem()
+PROBLEM = comfy_server.import_problem(COMFYUI_PATH)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -112,8 +92,6 @@ def _inference_mode() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One ComfyUI server for the whole session (CPU unless CUDA is present), stopped at the end."""
-    import comfy_server
-
     base = tmp_path_factory.mktemp("comfyui-base")
     comfy_server.prepare_base(base)
     running = comfy_server.ComfyServer(Path(COMFYUI_PATH), base, cpu=not torch.cuda.is_available())

@@ -16,7 +16,9 @@ COMFY_MODES = ["sdpa", "sub_quad", "split"]
 
 
 def attend(model, mode, budget_mb=0):
-    (out,) = VRAMKitAttention().run(model, mode, budget_mb)
+    result = VRAMKitAttention().run(model, mode, budget_mb)
+    (out,) = result["result"]
+    assert mode in result["ui"]["text"][0]  # the node says which attention runs
     return out
 
 

@@ -44,6 +44,26 @@ def test_frontend_extension_is_served(server):
         assert b"registerExtension" in response.read()
 
 
+def test_workflows_are_served_as_templates_ui_format_only(server):
+    """ComfyUI lists a pack's `workflows/*.json` (one level: the API twins in workflows/api/ stay out) in the
+    frontend's template browser and serves them under /api/workflow_templates/<folder>/."""
+    listed = server.get("/workflow_templates")
+    assert sorted(listed["ComfyUI-VRAMKit"]) == WORKFLOWS
+    for name in WORKFLOWS:
+        served = server.get(f"/api/workflow_templates/ComfyUI-VRAMKit/{name}.json")
+        assert {"nodes", "links"} <= set(served), f"{name}: not a UI-format workflow"
+
+
+def test_comfyui_reads_the_registry_metadata():
+    from comfy_config import config_parser
+
+    config = config_parser.extract_node_configuration(str(comfy_server.REPO))
+    assert config.project.name == "vramkit"
+    assert config.project.urls.repository.startswith("https://github.com/")
+    assert config.tool_comfy.publisher_id and config.tool_comfy.display_name == "VRAMKit"
+    assert config.tool_comfy.web is None  # WEB_DIRECTORY serves the extension; `web` would serve it twice
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_validates_and_matches_its_api_twin(object_info, name):
     ui, api = workflow_tools.load(name)

@@ -11,9 +11,11 @@ tracemalloc cannot see torch's or Rust's allocations, so:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -36,15 +38,55 @@ def peak_bytes(fn: Callable[[], R], device: torch.device) -> tuple[R, int]:
     return fn(), 0
 
 
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silences what native code writes to the process's stdout and stderr (file descriptors 1 and 2) meanwhile.
+
+    torch's profiler backend (kineto) logs from C++ when a profile starts and stops, below Python's reach:
+    "no GPU" notices, and on newer torch a "USDT: ... profiler_start" line per profile (kineto emits USDT
+    logger messages on start/stop). Only the profiler's start and stop run inside this, never the measured
+    function, so nothing else is hidden.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        yield
+        return
+    saved: list[tuple[int, int]] = []
+    try:
+        for fd in (1, 2):
+            try:
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+            except OSError:
+                continue
+        yield
+    finally:
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
 def _cpu_peak(fn: Callable[[], R]) -> tuple[R, int]:
-    from torch.profiler import ProfilerActivity, profile
+    # The autograd profiler is what torch.profiler.profile drives; used directly, it does not import
+    # torch._inductor first (torch.profiler checks a compiler setting: ~3 s of imports on the first call).
+    from torch.autograd.profiler import profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet the "no GPU" notice of the profiler backend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        prof = profile(use_cpu=True, profile_memory=True, use_kineto=True)
+        with _quiet_native_output():
+            prof.__enter__()
+        try:
             res = fn()
-        results = prof.profiler.kineto_results if prof.profiler is not None else None
+        finally:
+            with _quiet_native_output():
+                prof.__exit__(None, None, None)
+        results = prof.kineto_results
     if results is None:
         return res, 0
     cpu = torch.autograd.DeviceType.CPU

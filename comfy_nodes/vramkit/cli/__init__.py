@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,53 +33,101 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _install_comfyui(args: argparse.Namespace) -> int:
-    from .install import install_into_comfyui
+    from .install import install_into_comfyui, python_note
 
     path = install_into_comfyui(args.comfyui_path, force=args.force)
     print(f"VRAMKit loader written to {path}; restart ComfyUI to see the VRAMKit nodes.")
+    print(python_note(path.parent.parent))
     return 0
+
+
+def _whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "whole number"  # what argparse calls the type in its messages
+    return parse
+
+
+POSITIVE = _whole_number(1)
+NON_NEGATIVE = _whole_number(0)
+
+
+def _version() -> str:
+    import platform
+
+    from .. import __version__
+
+    return f"vramkit {__version__} (Python {platform.python_version()}, {platform.system()} {platform.machine()})"
+
+
+_Help = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vramkit",
+        prog="vramkit", formatter_class=_Help,
         description="Run diffusion models that do not fit your GPU: FP8/INT8 weights, chunked attention, "
         "offloading. Verbs below; `vramkit VERB --help` for each.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     demo = verbs.add_parser(
-        "demo",
-        help="quantize and run a small built-in transformer in every format; print a table",
+        "demo", formatter_class=_Help,
+        help="quantize and run a small built-in transformer in every format; print what each costs",
         description="Builds a small seeded transformer (attention + MLP blocks with heavy-tailed weights), "
-        "quantizes it in every format, runs it, and prints size, compression, output SNR against the bf16 "
-        "run, max abs error and quantize time.",
+        "quantizes it in every 8-bit format ComfyUI and VRAMKit offer, runs it on the CPU, and compares each "
+        "with the bf16 run (size, output SNR, error, time); then runs it with each attention mode. The table "
+        "explains its columns; it ends with what to try in ComfyUI.",
     )
-    demo.add_argument("--blocks", type=int, default=12, help="transformer blocks (default 12)")
-    demo.add_argument("--tokens", type=int, default=1024, help="sequence length of the test input (default 1024)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of weights and input (default 0)")
+    demo.add_argument("--blocks", type=POSITIVE, default=4, help="transformer blocks")
+    demo.add_argument("--tokens", type=POSITIVE, default=512, help="sequence length of the test input")
+    demo.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of weights and input")
     demo.set_defaults(func=_demo)
 
     bench = verbs.add_parser(
-        "bench",
+        "bench", formatter_class=_Help,
         help="time the kernels against torch in the same run",
-        description="Times vramkit's kernels against torch in the same run and prints ratios.",
+        description="Times vramkit's kernels against torch in the same run and prints ratios. "
+        "`vramkit bench KERNELS --help` for each.",
     )
-    bench.add_argument("what", choices=["quant", "attention"], help="which kernels")
-    bench.add_argument("--elements", type=int, default=64 * 2**20,
-                       help="quant: elements per tensor (default 64M)")
-    bench.add_argument("--repeats", type=int, default=7, help="timed runs per kernel; the median is shown")
-    bench.add_argument("--quick", action="store_true", help="attention: the smaller shapes only")
-    bench.set_defaults(func=_bench)
+    kernels = bench.add_subparsers(dest="what", required=True, metavar="KERNELS")
+    quant = kernels.add_parser(
+        "quant", formatter_class=_Help, help="quantize / dequantize / error statistics",
+        description="Times the Rust quantization kernels (every format and granularity) against the same "
+        "math in torch, on random tensors, and prints the median of the timed runs and the ratio.")
+    quant.add_argument("--elements", type=POSITIVE, default=64 * 2**20, help="elements per tensor")
+    quant.add_argument("--repeats", type=POSITIVE, default=7, help="timed runs per kernel; the median is shown")
+    quant.set_defaults(func=_bench)
+    attention = kernels.add_parser(
+        "attention", formatter_class=_Help, help="the CPU attention kernel against torch's SDPA",
+        description="Times VRAMKit's chunked CPU attention against torch's scaled_dot_product_attention on "
+        "diffusion-model shapes, with the peak extra memory of each.")
+    attention.add_argument("--repeats", type=POSITIVE, default=7,
+                           help="timed runs per kernel; the median is shown")
+    attention.add_argument("--quick", action="store_true", help="the smaller shapes only")
+    attention.set_defaults(func=_bench)
 
     install = verbs.add_parser(
-        "install-comfyui",
+        "install-comfyui", formatter_class=_Help,
         help="make a pip-installed vramkit show up in a ComfyUI installation",
-        description="Writes a tiny loader package into COMFYUI_PATH/custom_nodes/ that imports the "
-        "installed vramkit nodes (ComfyUI discovers node packs only there).",
+        description="Writes a tiny loader package into the custom_nodes/ folder of a ComfyUI installation "
+        "that imports the installed vramkit nodes (ComfyUI discovers node packs only there), and says which "
+        "Python ComfyUI must run for it to find them.",
     )
-    install.add_argument("comfyui_path", help="the ComfyUI folder (the one holding main.py)")
+    install.add_argument("comfyui_path", metavar="PATH",
+                         help="the ComfyUI folder (the one holding main.py), or a ComfyUI user folder that holds "
+                         "custom_nodes/ (ComfyUI Desktop's, or the folder given to --base-directory)")
     install.add_argument("--force", action="store_true", help="overwrite an existing loader")
     install.set_defaults(func=_install_comfyui)
 

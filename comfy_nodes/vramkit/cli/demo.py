@@ -64,7 +64,7 @@ def _progress(label: str):
     return wrap
 
 
-def run(blocks: int = 12, seed: int = 0, tokens: int = 1024, dim: int = 512, heads: int = 8) -> str:
+def run(blocks: int = 4, seed: int = 0, tokens: int = 512, dim: int = 512, heads: int = 8) -> str:
     if blocks <= 0 or tokens <= 0:
         raise ValueError(f"blocks and tokens must be positive; got blocks={blocks}, tokens={tokens}")
     torch.manual_seed(seed)
@@ -95,7 +95,36 @@ def run(blocks: int = 12, seed: int = 0, tokens: int = 1024, dim: int = 512, hea
     headers = ["format", "weight bytes", "compression", "output SNR dB", "max abs err", "quantize ms", "run ms"]
     title = (f"vramkit demo: {blocks}-block transformer (dim {dim}, {heads} heads, {tokens} tokens), "
              f"weight-only quantization, output compared with the bf16 run")
-    return "\n".join([title, format_table(headers, rows), "", attention_table(base, x, reference, heads)])
+    return "\n\n".join(["\n".join([title, format_table(headers, rows), QUANT_COLUMNS]),
+                        "\n".join([attention_table(base, x, reference, heads), ATTENTION_COLUMNS]), NEXT_STEPS])
+
+
+#: What the quantization table's columns mean, printed under it.
+QUANT_COLUMNS = """\
+Everything here is measured on this CPU: bytes in RAM and CPU time, not VRAM or GPU speed. The same weights
+take the same bytes in VRAM, so "compression" is what a format saves in VRAM.
+- weight bytes, compression: the model's weights in that format (8 bits: about half of bf16; more is better).
+- output SNR dB: how close the output stays to the bf16 run; higher is better (+10 dB: a tenth of the error
+  power).
+- max abs err: the largest single difference from the bf16 output; lower is better.
+- quantize ms: converting the weights, once per model load. run ms: one forward pass on this CPU (8-bit weights
+  are turned back into bf16 layer by layer as they run, so about the bf16 time; times vary with machine load)."""
+
+#: What the attention table's columns mean, printed under it.
+ATTENTION_COLUMNS = """\
+- attention ms, peak attention memory: one attention call of this model's shape, and the extra memory it took.
+- of N x N scores: that memory against one full score matrix; below 100% means attention memory grows
+  linearly with the image size instead of with its square (what lets large images fit).
+- model run ms, output SNR dB vs sdpa: the whole model with that mode; 30 dB and more is rounding only."""
+
+#: Printed last: where to go from here.
+NEXT_STEPS = """\
+Next, in ComfyUI (nodes in the VRAMKit category; example workflows in the template browser under VRAMKit):
+- the model's weights do not fit: "Quantize weights (FP8/INT8)" after the loader (int8, group 64: the best
+  quality here, half the VRAM of fp16);
+- large images or videos run out of memory: "Attention mode" set to chunked;
+- still not enough: "Sequential offload" with a VRAM budget, and "Offload text encoder / VAE" after the prompt;
+- see what each change does: "Measure VRAM" before the sampler and "VRAM report" after it."""
 
 
 ATTENTION_MODES = ("sdpa", "chunked", "sliced")

@@ -87,13 +87,45 @@ def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple
     override = build_override(mode, budget, patch.attention_override(out))
     patch.set_attention_override(out, override)
     previous = override.vramkit_previous  # a foreign override that still runs (never an earlier VRAMKit one)
-    text = f"Attention: {mode}"
-    if mode in VRAMKIT_MODES:
-        text += f", memory budget {'auto' if budget == 0 else f'{budget / 2**20:.0f} MB'}"
-    elif budget:
-        text += " (the memory budget applies to auto/chunked/sliced only; ComfyUI sizes its own chunks)"
+    lines = [describe(mode, budget, compat.load_device(model))]
+    if budget and mode not in VRAMKIT_MODES:
+        lines.append("(memory_budget_mb applies to auto, chunked and sliced only; ComfyUI sizes its own chunks.)")
     if previous is not None:
-        text += (f". Another attention override was already set ({describe_callable(previous)}); it "
-                 f"still runs and now calls {mode} as its backend")
-    log.info("VRAMKit %s", text)
-    return out, text + "."
+        lines.append(f"Another attention override was already set ({describe_callable(previous)}); it still runs "
+                     f"and now calls {mode} as its backend.")
+    log.info("VRAMKit attention: %s", " ".join(lines))
+    return out, "\n".join(lines)
+
+
+#: What runs for each mode, for the node's summary.
+_BACKENDS = {
+    "sdpa": "PyTorch's fused attention (scaled_dot_product_attention; ComfyUI's --use-pytorch-cross-attention)",
+    "sub_quad": "ComfyUI's sub-quadratic attention (--use-quad-cross-attention)",
+    "split": "ComfyUI's split attention (--use-split-cross-attention)",
+    "sage": "SageAttention",
+    "flash": "FlashAttention",
+    "xformers": "xformers",
+    "sliced": "attention slicing: a few heads at a time, each with its whole score matrix",
+}
+
+
+def describe(mode: str, budget: int, device: Any) -> str:
+    """For the user: which attention runs on `device` in `mode`, what it saves and what it costs."""
+    limit = "what is free when it runs" if budget == 0 else f"{budget / 2**20:.0f} MB"
+    kind = getattr(device, "type", str(device))
+    if mode == "chunked":
+        engine = "VRAMKit's Rust kernel" if kind == "cpu" else "torch operations"
+        return (f"Attention: chunked ({engine}), sized to {limit}: memory grows with the image size instead of "
+                "its square, which lets large images fit.\nCost: usually a little slower than PyTorch's fused "
+                "attention on a GPU.")
+    if mode == "auto":
+        order = ("VRAMKit's chunked kernel, else PyTorch's fused attention, else slicing" if kind == "cpu" else
+                 "PyTorch's fused attention, else chunked, else slicing")
+        return (f"Attention: auto on {device}: each call runs the fastest that fits in {limit}: {order}.\n"
+                "If large images still run out of memory, set memory_budget_mb or choose chunked.")
+    text = f"Attention: {mode}: {_BACKENDS.get(mode, mode)} on {device}."
+    if mode in ("sage", "flash", "xformers"):
+        text += " Calls it cannot take (masks, CPU tensors, unusual head sizes) run auto's choice."
+    if mode == "sliced":
+        text += "\nCost: the slowest mode and still quadratic memory per head: a last resort; chunked saves more."
+    return text

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import compat, offload_plan, patch
+from .display import format_bytes
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -157,17 +158,29 @@ def apply_offload(model: Any, vram_budget_gb: float, engine: str = "comfy") -> t
 
 
 def summary(model: Any, budget: int | None, engine: str) -> str:
-    size = model.model_size()
+    """For the user, on the node: what stays in VRAM, what streams, what it costs, what to try next."""
+    size = format_bytes(model.model_size())
     device = compat.load_device(model)
-    how = ENGINE_LABELS[engine]
+    how = f"Sequential offload ({ENGINE_LABELS[engine]})"
     if compat.is_dynamic(model):
-        return (f"{how}: Dynamic VRAM is active on {device}, so ComfyUI already pages this "
-                f"{size / 2**20:.0f} MB model on demand and the budget is not applied.")
+        return (f"{how}: Dynamic VRAM is active on {device}, so ComfyUI already keeps in VRAM only what fits of "
+                f"this {size} model and streams the rest on demand; the budget is not applied (nothing to do "
+                "here).\nTo need less VRAM: 'Quantize weights (FP8/INT8)' halves the weights.")
     if budget is None:
-        return (f"{how}, auto budget: at sampling time the model ({size / 2**20:.0f} MB) keeps resident what "
-                "fits in free VRAM after the full-batch activation estimate and ComfyUI's reserve; the rest "
-                "is streamed per layer.")
-    text = f"{how}, budget {budget / GB:.2f} GB: {offload_plan.plan(model, budget).describe(str(device))}."
+        return (f"{how}, auto budget: when sampling starts, this {size} model keeps in VRAM what fits after the "
+                "activations of this image size and ComfyUI's reserve; the rest is streamed from RAM per layer "
+                "each step.\nCost: streamed layers are copied every step, so steps get slower the more streams."
+                "\nStill out of memory? Set vram_budget_gb lower, or quantize the weights first.")
+    plan = offload_plan.plan(model, budget)
+    lines = [f"{how}, budget {budget / GB:.2f} GB: {plan.describe(str(device))}."]
+    if plan.streamed:
+        lines.append(f"That keeps {format_bytes(plan.streamed_bytes)} of weights out of VRAM. Cost: they are "
+                     "copied from RAM every step, so steps are slower the more streams.")
+        lines.append("Still out of memory? Lower vram_budget_gb; 'Quantize weights (FP8/INT8)' first halves "
+                     "what there is to stream.")
+    else:
+        lines.append("Nothing streams, so steps run at full speed; lower vram_budget_gb to free VRAM for "
+                     "larger images.")
     if device.type == "cpu":
-        text += " (This device is the CPU: the weights are in RAM either way.)"
-    return text
+        lines.append("(This device is the CPU: the weights are in RAM either way.)")
+    return "\n".join(lines)

@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
-from . import compat, patch
+from . import budget, compat, display, patch
+from .display import format_bytes
 
 WRAPPER_NAME = "measure"
+#: The report's last line.
+COMPARE_HINT = "To compare: change one thing (a VRAMKit node), run again, and read this report again."
 #: Recent measurements, newest last (a report looks them up by the latent they produced).
 RECENT: collections.deque[Measurement] = collections.deque(maxlen=64)
 
@@ -44,20 +47,30 @@ class Measurement:
     resident_bytes: int = 0
     latent_shape: tuple[int, ...] = ()
     fingerprint: tuple[float, float] = (0.0, 0.0)
+    #: This model's weights already resident when sampling started (loaded by an earlier run).
+    resident_start_bytes: int = 0
+    #: The device's memory (VRAM, or system RAM on a CPU); 0 when unknown.
+    capacity_bytes: int = 0
+    #: The VRAM budget a VRAMKit node held this model to, if any.
+    budget_bytes: int | None = None
 
     @property
     def seconds_per_step(self) -> float:
         return statistics.median(self.step_seconds) if self.step_seconds else 0.0
 
     def summary(self) -> str:
-        mb = 2**20
+        """For the user, on the report node: the peak, the speed, and where this model's weights were."""
         head = f"{self.label}: " if self.label else ""
-        text = (f"{head}peak {self.peak_kind} {self.peak_bytes / mb:.1f} MB on {self.device} "
-                f"(was {self.start_bytes / mb:.1f} MB before sampling); {self.steps} steps, "
-                f"{self.seconds_per_step:.3f} s/step (median), {self.total_seconds:.2f} s in all, of which "
-                f"{self.load_seconds:.2f} s loading; weights resident {self.resident_bytes / mb:.1f} of "
-                f"{self.model_bytes / mb:.1f} MB.")
-        return text
+        memory = "VRAM" if self.peak_kind.endswith("VRAM") else "RAM"
+        lines = [f"{head}peak {self.peak_kind} {format_bytes(self.peak_bytes)} on {self.device} while sampling "
+                 f"({format_bytes(max(self.peak_bytes - self.start_bytes, 0))} above what was in use before); "
+                 f"{self.steps} steps at {self.seconds_per_step:.3f} s/step (median), {self.total_seconds:.2f} s "
+                 f"in all, {self.load_seconds:.2f} s of it loading."]
+        if self.model_bytes:
+            where = "all of them" if self.resident_bytes >= self.model_bytes else "the rest streamed each step"
+            lines.append(f"This model's weights: {format_bytes(self.resident_bytes)} of "
+                         f"{format_bytes(self.model_bytes)} stayed in {memory} ({where}).")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -65,6 +78,28 @@ class Measurement:
         d["latent_shape"] = list(self.latent_shape)
         d["fingerprint"] = list(self.fingerprint)
         return d
+
+    def chart(self) -> dict[str, Any]:
+        """The peak split into what this model's weights, other memory and sampling took (display format).
+
+        Measured as: other = what was in use before sampling less this model's weights already resident;
+        weights = this model's resident weights after the run; working memory = the rest of the peak
+        (activations, attention and streaming buffers, which one peak counter cannot tell apart).
+        """
+        other = max(self.start_bytes - self.resident_start_bytes, 0)
+        resident = min(self.resident_bytes, max(self.peak_bytes - other, 0))
+        working = max(self.peak_bytes - other - resident, 0)
+        memory = "VRAM" if self.peak_kind.endswith("VRAM") else "RAM"
+        other_label = "other memory in use (other models, ...)" if memory == "VRAM" else \
+            "process before sampling (Python, torch, other models)"
+        measured = display.bar("measured", {"other_models": other, "resident_weights": resident,
+                                            "working": working},
+                               labels={"other_models": other_label,
+                                       "resident_weights": f"this model's weights in {memory}"})
+        return display.memory_chart(
+            f"{memory} at the sampling peak", [measured], device=self.device,
+            capacity_bytes=self.capacity_bytes or None, budget_bytes=self.budget_bytes,
+            capacity_label="capacity" if memory == "VRAM" else "system RAM", budget_label="weights budget")
 
 
 def fingerprint(latent: torch.Tensor) -> tuple[float, float]:
@@ -170,6 +205,34 @@ class _RssSampler(threading.Thread):
         return max(self.peak, _rss())
 
 
+def device_capacity(device: torch.device) -> int:
+    """Total memory of `device`: VRAM for CUDA, system RAM for the CPU; 0 when unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            import psutil  # a ComfyUI dependency
+
+            return int(psutil.virtual_memory().total)
+    except Exception:  # a display nicety: never fail a measurement over it
+        return 0
+    return 0
+
+
+def _budget(patcher: Any) -> int | None:
+    """The resident budget a VRAMKit offload wrapper applied to `patcher` in this run, if any."""
+    try:
+        wrappers = patcher.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, patch.key(budget.WRAPPER_NAME))
+    except Exception:
+        return None
+    for wrapper in wrappers:
+        last = getattr(wrapper, "last", None)
+        applied = getattr(last, "budget_bytes", None)
+        if isinstance(applied, int) and applied > 0:
+            return applied
+    return None
+
+
 # --- the wrapper -------------------------------------------------------------------------------------------
 
 class MeasureSampling:
@@ -203,6 +266,7 @@ class MeasureSampling:
             kwargs["callback"] = timed
         probe = PeakProbe(device)
         self._pre_run = None
+        resident_start = int(patcher.loaded_size())
         probe.start()
         started = time.perf_counter()
         output = executor(*args, **kwargs)
@@ -216,7 +280,9 @@ class MeasureSampling:
             step_seconds=[b - a for a, b in itertools.pairwise(edges)], load_seconds=pre_run - started,
             total_seconds=ended - started, model_bytes=int(patcher.model_size()),
             resident_bytes=int(patcher.loaded_size()), latent_shape=tuple(output.shape),
-            fingerprint=fingerprint(output))
+            fingerprint=fingerprint(output), resident_start_bytes=resident_start,
+            capacity_bytes=device_capacity(device),
+            budget_bytes=_budget(patcher) if device.type == "cuda" else None)
         RECENT.append(record)
         return output
 
@@ -231,7 +297,8 @@ def apply_measure(model: Any, label: str = "") -> Any:
 
 
 def report(latent: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """The text and numbers for the measurement that produced `latent` (a LATENT dict)."""
+    """The text and numbers for the measurement that produced `latent` (a LATENT dict); the chart is
+    ``find(...).chart()``."""
     if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
         raise TypeError(f"samples must be a LATENT (a dict with a 'samples' tensor), got {type(latent).__name__}")
     found = find(latent["samples"])

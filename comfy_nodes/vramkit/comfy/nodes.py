@@ -9,7 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import attention_modes, auto, budget, dtypes, measure, offload_encoders, precision, quantize_model, selection
+from . import (
+    attention_modes,
+    auto,
+    budget,
+    display,
+    dtypes,
+    measure,
+    offload_encoders,
+    precision,
+    quantize_model,
+    selection,
+)
 
 CATEGORY = "VRAMKit"
 
@@ -27,8 +38,8 @@ ANY = AnyType("*")
 
 
 def _with_text(text: str, *result: Any) -> dict[str, Any]:
-    # Every value of a node's "ui" dict must be a list (ComfyUI concatenates them across list runs).
-    return {"ui": {"text": [text]}, "result": result}
+    """The node's outputs with its summary shown on the node (see `display.node_output`)."""
+    return display.node_output(text, *result)
 
 
 class VRAMKitQuantize:
@@ -88,6 +99,7 @@ class VRAMKitAttention:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with this attention (a clone; the input model is unchanged).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -102,9 +114,9 @@ class VRAMKitAttention:
                                                     "0 = auto (from free memory)."}),
         }}
 
-    def run(self, model: Any, mode: str, memory_budget_mb: int) -> tuple[Any]:
-        out, _text = attention_modes.apply_attention(model, mode, memory_budget_mb)
-        return (out,)
+    def run(self, model: Any, mode: str, memory_budget_mb: int) -> dict[str, Any]:
+        out, text = attention_modes.apply_attention(model, mode, memory_budget_mb)
+        return display.node_output(text, out)
 
 
 class VRAMKitOffload:
@@ -117,13 +129,19 @@ class VRAMKitOffload:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The model held to the budget (a clone; the input model is unchanged).",
+                       "What stays in VRAM, what streams, and what it costs.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to stream."}),
-            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
-                                         "tooltip": "Most VRAM this model's weights may take; 0 = auto."}),
+            # step 0.1: the frontend rounds a FLOAT to the decimals of its step (0.25 would show and round
+            # as 0.3).
+            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.1,
+                                         "tooltip": "Most VRAM this model's weights may take, in GB; the rest "
+                                                    "streams from RAM each step. 0 = auto (what fits beside "
+                                                    "the activations of this image size)."}),
             "engine": (list(budget.ENGINES), {
                 "default": "comfy", "tooltip": "comfy: ComfyUI's per-layer streaming, held to the budget."}),
         }}
@@ -142,11 +160,13 @@ class VRAMKitPrecision:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The model with these dtypes (a clone; the input model is unchanged).",
+                       "What was converted and the VRAM it saves.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
-            "model": ("MODEL", {}),
+            "model": ("MODEL", {"tooltip": "The diffusion model whose storage and compute dtypes to set."}),
             "weight_dtype": (list(dtypes.CHOICES), {
                 "default": "default",
                 "tooltip": "How the weights are stored. bf16 works on any GPU: the weights are cast to the "
@@ -169,6 +189,7 @@ class VRAMKitFreeAfter:
     FUNCTION = "run"
     RETURN_TYPES = (ANY,)
     RETURN_NAMES = ("passthrough",)
+    OUTPUT_TOOLTIPS = ("The input, unchanged (connect it where the input was going).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -189,11 +210,14 @@ class VRAMKitMeasure:
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The same model, measured whenever it samples (a clone).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        return {"required": {"model": ("MODEL", {}),
-                             "label": ("STRING", {"default": "", "tooltip": "Shown in the report."})}}
+        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model to measure; connect this node's "
+                                                            "output to the sampler."}),
+                             "label": ("STRING", {"default": "", "tooltip": "A name for this run, shown in the "
+                                                                            "report (e.g. 'int8 + chunked')."})}}
 
     def run(self, model: Any, label: str) -> tuple[Any]:
         return (measure.apply_measure(model, label),)
@@ -254,6 +278,7 @@ class VRAMKitReport:
     OUTPUT_NODE = True
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("samples",)
+    OUTPUT_TOOLTIPS = ("The latent, unchanged (connect it to VAE Decode).",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -264,10 +289,12 @@ class VRAMKitReport:
         auto_text = auto.report(samples)
         if auto_text is not None:
             text = auto_text if numbers is None else f"{text}\n{auto_text}"
-        ui: dict[str, list[Any]] = {"text": [text]}
-        if numbers is not None:
-            ui["vramkit_measurement"] = [numbers]
-        return {"ui": ui, "result": (samples,)}
+        if numbers is None:
+            return display.node_output(text, samples)
+        found = measure.find(samples["samples"])
+        chart = found.chart() if found is not None else None
+        text = "\n".join([text, *(display.chart_lines(chart) if chart is not None else []), measure.COMPARE_HINT])
+        return display.node_output(text, samples, chart=chart, extra={"vramkit_measurement": numbers})
 
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {

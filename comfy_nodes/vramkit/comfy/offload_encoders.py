@@ -32,6 +32,7 @@ def free_models(targets: dict[str, Any]) -> str:
     if not patchers:
         return "Nothing to free: connect a text encoder (clip) or a VAE."
     lines = []
+    total_unloaded = 0
     for name, patcher in patchers.items():
         freed = 0
         unloaded = 0
@@ -46,13 +47,19 @@ def free_models(targets: dict[str, Any]) -> str:
                 freed += size
                 unloaded += 1
         kind = type(getattr(patcher, "model", patcher)).__name__
+        label = {"clip": "text encoder", "vae": "vae"}.get(name, name)
+        log.info("VRAMKit free after use: %s (%s): %d copies unloaded, %d bytes of VRAM", name, kind, unloaded,
+                 freed)
         if unloaded == 0:
-            lines.append(f"{name} ({kind}) was not loaded")
+            lines.append(f"the {label} was not loaded (nothing to free)")
         elif freed == 0:
-            lines.append(f"{name} ({kind}) unloaded; it lived in RAM (CPU), so no VRAM was freed")
+            lines.append(f"the {label} unloaded; it lived in RAM (CPU), so no VRAM was freed")
         else:
-            lines.append(f"{name} ({kind}) unloaded, {freed / 2**20:.0f} MB of VRAM freed")
+            lines.append(f"the {label} unloaded, {freed / 2**20:.0f} MB of VRAM freed for sampling")
+        total_unloaded += unloaded
     mm.soft_empty_cache()
     text = "Freed after use: " + "; ".join(lines) + "."
-    log.info("VRAMKit %s", text)
+    if total_unloaded:
+        text += ("\nCost: none while sampling; it loads again by itself the next time it is needed (the next "
+                 "prompt or decode).")
     return text

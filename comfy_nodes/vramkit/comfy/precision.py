@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import compat, dtypes, patch
+from .display import format_bytes
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -137,8 +138,10 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
             progress.update(1)
         if compute_dtype is None:
             compute_dtype = current_compute_dtype(model)  # storage changed; keep computing as before
-        notes.append(f"stored {converted} layers' weights as {storage} ({before / 2**20:.1f} -> "
-                     f"{(before + delta) / 2**20:.1f} MB)")
+        after = before + delta
+        change = f"{format_bytes(-delta)} less VRAM" if delta <= 0 else f"{format_bytes(delta)} more VRAM"
+        notes.append(f"stored {converted} layers' weights as {storage}: the model takes {format_bytes(after)} "
+                     f"instead of {format_bytes(before)} ({change})")
         if kept:
             notes.append(f"{kept} quantized or integer tensors kept as they are")
     if compute_dtype is not None:
@@ -146,9 +149,15 @@ def apply_precision(model: Any, storage: str = "default", compute: str = "defaul
         notes.append(f"computing in {str(compute_dtype).removeprefix('torch.')}")
     if not notes:
         notes.append("nothing to change (both inputs are 'default')")
+    lines = ["Precision: " + "; ".join(notes) + "."]
+    if converted:
+        lines.append("Cost: each of those layers is cast to the compute dtype as it runs (a little slower), and "
+                     "16-bit weights round the values slightly.")
     if compute_dtype == torch.bfloat16 and compat.load_device(model).type == "cpu":
-        notes.append("bf16 on a CPU works but is slow")
+        lines.append("bf16 on a CPU works but is slow.")
+    if storage_dtype is not None:
+        lines.append("Need less VRAM still? 'Quantize weights (FP8/INT8)' halves 16-bit weights again.")
     patch.set_size(out, before + delta)
-    text = "Precision: " + "; ".join(notes) + "."
-    log.info("VRAMKit %s", text)
+    text = "\n".join(lines)
+    log.info("VRAMKit %s", " ".join(lines))
     return out, text

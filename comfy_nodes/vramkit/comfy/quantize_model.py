@@ -12,6 +12,7 @@ import torch
 
 from .. import quant
 from . import compat, dtypes, layouts, patch, quantized_ops, selection
+from .display import format_bytes
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -41,28 +42,50 @@ class QuantizeReport:
     model_bytes_after: int = 0
     seconds: float = 0.0
 
-    def summary(self) -> str:
-        mb = 1 / 2**20
-        scheme = f"{self.format} per {self.granularity}"
+    def scheme(self) -> str:
         if self.granularity == "group":
-            scheme += f" of {self.group_size}"
-        ratio = self.bytes_before / self.bytes_after if self.bytes_after else 1.0
-        text = (f"Quantized {_layers(len(self.quantized))} to {scheme}: their weights went from "
-                f"{self.bytes_before * mb:.1f} MB to {self.bytes_after * mb:.1f} MB ({ratio:.2f}x smaller, "
-                f"scales included); the model from {self.model_bytes_before * mb:.1f} MB to "
-                f"{self.model_bytes_after * mb:.1f} MB. Kept {_layers(len(self.skipped))} "
-                f"({self.skipped_bytes * mb:.1f} MB) in high precision")
-        reasons = Counter(self.skipped.values())
-        if reasons:
-            text += " (" + ", ".join(f"{r}: {n}" for r, n in reasons.most_common()) + ")"
-        text += "."
-        if self.channel_fallback:
-            text += (f" {_layers(len(self.channel_fallback))} used per-channel scales because "
-                     f"{self.group_size} does not divide their rows.")
-        if self.unmatched_patterns:
-            text += f" Patterns that matched nothing: {', '.join(self.unmatched_patterns)}."
+            return f"{self.format} (one scale per {self.group_size} weights)"
+        return f"{self.format} (one scale per {'output channel' if self.granularity == 'channel' else 'tensor'})"
+
+    def summary(self) -> str:
+        """For the user, on the node: what changed, the VRAM it saves, what it costs, what to try next."""
+        total = len(self.quantized) + len(self.skipped)
+        saved = self.model_bytes_before - self.model_bytes_after
+        ratio = self.model_bytes_before / self.model_bytes_after if self.model_bytes_after else 1.0
+        lines = [f"Quantized {len(self.quantized)} of {_layers(total)} to {self.scheme()}: the model's weights "
+                 f"take {format_bytes(self.model_bytes_after)} instead of {format_bytes(self.model_bytes_before)} "
+                 f"({format_bytes(saved)} less VRAM when loaded, {ratio:.2f}x smaller)."]
+        cost = ("Cost: each quantized layer is turned back into full numbers as it runs (slightly slower steps) "
+                "and the image changes a little; ")
+        if self.granularity == "tensor":
+            cost += "one scale per tensor keeps the least quality: granularity 'group' keeps more."
+        elif self.format == "int8" and self.granularity == "group":
+            cost += "int8 per group keeps the most quality of the 8-bit formats."
+        else:
+            cost += "int8 per group of 64 keeps the most quality of the 8-bit formats."
+        lines.append(cost)
+        if self.skipped:
+            reasons = Counter(self.skipped.values())
+            why = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+            kept = f"{_layers(len(self.skipped))} ({format_bytes(self.skipped_bytes)}; {why})"
+            lines.append(f"Kept in high precision: {kept}.")
+        lines.append("Not enough VRAM yet? Add 'Sequential offload' with a VRAM budget, and 'Offload text "
+                     "encoder / VAE' after the prompt.")
+        return "\n".join(lines)
+
+    def details(self) -> str:
+        """For the log: how the layers were stored and what the patterns matched."""
+        before, after = format_bytes(self.bytes_before), format_bytes(self.bytes_after)
+        text = (f"{_layers(len(self.quantized))} to {self.scheme()}, their weights {before} -> {after} (scales "
+                f"included) in {self.seconds:.2f} s; route {self.route}")
         layouts_used = ", ".join(f"{name} x{n}" for name, n in sorted(self.layouts.items()))
-        text += f" Route: {self.route} ({layouts_used or 'none'}); took {self.seconds:.1f} s."
+        if layouts_used:
+            text += f" ({layouts_used})"
+        if self.channel_fallback:
+            text += (f"; {_layers(len(self.channel_fallback))} per output channel because {self.group_size} does "
+                     "not divide their rows")
+        if self.unmatched_patterns:
+            text += f"; skip patterns that matched nothing: {', '.join(self.unmatched_patterns)}"
         return text
 
 
@@ -163,5 +186,5 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
     report.model_bytes_after = report.model_bytes_before - report.bytes_before + report.bytes_after
     patch.set_size(out, report.model_bytes_after)
     report.seconds = time.perf_counter() - started
-    log.info("VRAMKit quantize: %s", report.summary())
+    log.info("VRAMKit quantize: %s", report.details())
     return out, report

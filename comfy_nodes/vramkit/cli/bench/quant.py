@@ -81,6 +81,8 @@ def _eager_stats(t: torch.Tensor, q: quant.QTensor) -> tuple[float, float]:
 
 
 def run(elements: int = 64 * 2**20, repeats: int = 7) -> str:
+    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
+        raise ValueError(f"elements must be a whole number >= 1, got {elements!r}")
     cases = build_cases(elements)
     rows = []
     for case in cases:

@@ -21,6 +21,9 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int = 7, warmup: int 
 
     Results are dropped before the clock stops, so freeing an output is counted like allocating it.
     """
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1 (the median of the timed runs is shown), got "
+                         f"{repeats!r}")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
