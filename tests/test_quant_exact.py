@@ -264,3 +264,30 @@ def test_quality_ranks_as_expected_on_heavy_tailed_weights() -> None:
     }
     assert snr[("int8", "group")] > snr[("int8", "channel")] > snr[("int8", "tensor")]
     assert snr[("int8", "group")] > snr[("fp8_e4m3fn", "group")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FP8)
+def test_cuda_plain_cast_follows_the_cpu_rule_bit_for_bit(fmt: str) -> None:
+    """On CUDA the torch twin gives the Rust path's bits (the installed CPU cast's rule, and every injected
+    rule), whatever rule torch's own CUDA cast follows."""
+    for x in (all_16bit(torch.float16), all_16bit(torch.bfloat16), torch.cat([random_f32_bits(1 << 20), F32_EDGES])):
+        assert torch.equal(quant.quantize(x.cuda(), fmt, "none").data.cpu(), quant.quantize(x, fmt, "none").data)
+        for rule in _every_rule(fmt):
+            rust = quant.api._quantize_rust(x, fmt, "none", None, rule=rule).data
+            assert torch.equal(quant._quantize_torch(x.cuda(), fmt, "none", None, rule=rule).data.cpu(), rust), rule
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITY_CASES)
+def test_cuda_scaled_quantize_equals_the_rust_path(fmt: str, granularity: str, group_size: int | None) -> None:
+    t = heavy_tailed((96, 512), torch.bfloat16, seed=8)
+    rust = quant.quantize(t, fmt, granularity, group_size)
+    cuda = quant.quantize(t.cuda(), fmt, granularity, group_size)
+    assert torch.equal(bits(rust.data), bits(cuda.data.cpu()))
+    assert torch.equal(bits(rust.scale), bits(cuda.scale.cpu()))
+    for out in FLOAT_DTYPES:
+        assert torch.equal(bits(rust.dequantize(out)), bits(cuda.dequantize(out).cpu()))
