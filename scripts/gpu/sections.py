@@ -105,7 +105,10 @@ def quant_bits(dev: str) -> list[Row]:
             cases.append((f"{fmt} {gran}, bf16 3072x3072", w, fmt, gran))
     for label, t, fmt, gran in cases:
         q_cpu = quant.quantize(t, fmt, gran)  # the Rust path
-        q_dev = quant.quantize(t.to(dev), fmt, gran)  # the torch twin on the device
+        if dev == "cpu":  # dry run: the torch twin forced onto the CPU tensor
+            q_dev = quant._quantize_torch(t.contiguous(), fmt, gran, 64 if gran == "group" else None)
+        else:  # the torch twin on the device
+            q_dev = quant.quantize(t.to(dev), fmt, gran)
         same = torch.equal(q_cpu.data.view(torch.uint8), q_dev.data.cpu().view(torch.uint8))
         if q_cpu.scale is not None:
             assert q_dev.scale is not None
