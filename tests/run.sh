@@ -5,7 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# The Rust tests of the bindings embed this same interpreter (pyo3 reads PYO3_PYTHON, else `python3` on PATH).
+PYO3_PYTHON="${PYO3_PYTHON:-$(command -v "$PYTHON")}"
+export PYO3_PYTHON
 
+# Editable, so the tests import this checkout (a plain `pip install .` before is replaced).
 "$PYTHON" -m pip install --quiet --editable ".[test]"
 cargo test --release --workspace --quiet
 status=0

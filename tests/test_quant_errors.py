@@ -178,6 +178,10 @@ def test_core_checks_sizes_and_names() -> None:
         _core.fp8_cast(x, "fp4")
     with pytest.raises(ValueError, match="only for the fp8 formats"):
         _core.fp8_cast(x, "int8")
+    with pytest.raises(ValueError, match=r"overflow must be one of nan, inf, saturate; got .clamp."):
+        _core.fp8_cast(x, "fp8_e4m3fn", overflow="clamp")
+    with pytest.raises(ValueError, match="fp8_e4m3fn has no infinity"):
+        _core.fp8_cast(x, "fp8_e4m3fn", inf="inf")
     codes, scales = _core.quantize(x, "int8", 32)
     with pytest.raises(ValueError, match="scales has 2 elements, expected 4"):
         _core.dequantize(codes, "int8", scales, 16, "float32")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vramkit import quant
+from vramkit.quant import cast_rule
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -37,17 +38,86 @@ F32_EDGES = torch.tensor(
 @pytest.mark.parametrize("fmt", FP8)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fp8_cast_equals_torch_on_every_16bit_value(fmt: str, dtype: torch.dtype) -> None:
+    """Both paths (Rust, and the torch twin forced onto CPU tensors) equal the installed torch's own cast."""
     x = all_16bit(dtype)
     q = quant.quantize(x, fmt, "none")
     assert q.data.dtype == torch.uint8 and q.scale is None
-    assert torch.equal(q.data, x.to(FP8[fmt]).view(torch.uint8))
+    expected = x.to(FP8[fmt]).view(torch.uint8)
+    assert torch.equal(q.data, expected)
+    assert torch.equal(quant._quantize_torch(x, fmt, "none", None).data, expected)
 
 
 @pytest.mark.parametrize("fmt", FP8)
 def test_fp8_cast_equals_torch_on_random_f32_bit_patterns_and_edges(fmt: str) -> None:
     x = torch.cat([random_f32_bits(1 << 20), F32_EDGES])
     q = quant.quantize(x, fmt, "none")
-    assert torch.equal(q.data, x.to(FP8[fmt]).view(torch.uint8))
+    expected = x.to(FP8[fmt]).view(torch.uint8)
+    assert torch.equal(q.data, expected)
+    assert torch.equal(quant._quantize_torch(x, fmt, "none", None).data, expected)
+
+
+def test_the_probed_rule_is_the_installed_torchs() -> None:
+    """`CAST_RULES` describes what this torch's CPU cast does at the edges (the exhaustive tests above check
+    everything else)."""
+    for fmt, rule in quant.CAST_RULES.items():
+        over, inf = rule.codes(fmt)
+        x = torch.tensor([1e6, -1e6, float("inf"), float("-inf"), float("nan")])
+        got = x.to(FP8[fmt]).view(torch.uint8).tolist()
+        assert got[:4] == [over, over | 0x80, inf, inf | 0x80], (fmt, rule, got)
+        assert got[4] & 0x7F == 0x7F
+        assert cast_rule.probe(fmt) == rule
+
+
+def _every_rule(fmt: str) -> list[cast_rule.CastRule]:
+    names = cast_rule.OUTCOME_CODES[fmt]
+    return [cast_rule.CastRule(o, i) for o in names for i in names]  # type: ignore[arg-type]
+
+
+def _reference_cast(x: torch.Tensor, fmt: str, rule: cast_rule.CastRule) -> torch.Tensor:
+    """The installed torch's cast, with its codes for finite overflow and ±inf replaced as `rule` says:
+    independent of how vramkit applies the rule (its rounding of everything else is torch's)."""
+    codes = x.to(FP8[fmt]).view(torch.uint8).clone()
+    over, inf = rule.codes(fmt)
+    xf = x.float()
+    a = xf.abs()
+    sign = (xf.view(torch.int32) < 0).to(torch.uint8) * 0x80
+    finite_over = torch.isfinite(xf) & ((a > 464) if fmt == "fp8_e4m3fn" else (a >= 61440))
+    codes[finite_over] = sign[finite_over] | over
+    infinite = torch.isinf(xf)
+    codes[infinite] = sign[infinite] | inf
+    return codes
+
+
+@pytest.mark.parametrize("fmt", FP8)
+@pytest.mark.parametrize("source", ["float16", "bfloat16", "float32"])
+def test_every_overflow_rule_rust_and_torch_twin_agree(fmt: str, source: str) -> None:
+    """Injecting each rule (not only the installed one): the Rust kernel and the torch twin give the same bits,
+    and both are torch's cast with exactly the overflow and ±inf codes replaced."""
+    x = torch.cat([random_f32_bits(1 << 18, seed=7), F32_EDGES]) if source == "float32" else \
+        all_16bit(getattr(torch, source))
+    for rule in _every_rule(fmt):
+        rust = quant.api._quantize_rust(x, fmt, "none", None, rule=rule).data
+        twin = quant._quantize_torch(x, fmt, "none", None, rule=rule).data
+        assert torch.equal(rust, twin), rule
+        assert torch.equal(rust, _reference_cast(x, fmt, rule)), rule
+
+
+def test_rules_a_format_cannot_write_are_refused() -> None:
+    bad = cast_rule.CastRule("inf", "nan")
+    x = torch.ones(4)
+    with pytest.raises(ValueError, match="cannot write 'inf'"):
+        quant._quantize_torch(x, "fp8_e4m3fn", "none", None, rule=bad)
+    with pytest.raises(ValueError, match="no infinity"):
+        quant.api._quantize_rust(x, "fp8_e4m3fn", "none", None, rule=bad)
+
+
+def test_a_cast_no_rule_describes_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A "cast" whose codes fit no rule: e4m3fn probed through the e5m2 dtype.
+    monkeypatch.setitem(cast_rule.TORCH_FP8, "fp8_e4m3fn", torch.float8_e5m2)
+    with pytest.raises(cast_rule.UnknownCastRule, match="fp8_e4m3fn"):
+        cast_rule.probe("fp8_e4m3fn")
+    rules = cast_rule._probe_cpu()  # import-time probing falls back instead of failing the import
+    assert rules["fp8_e4m3fn"] == cast_rule.CastRule.unsaturated("fp8_e4m3fn")
 
 
 @pytest.mark.parametrize("fmt", FP8)
@@ -194,3 +264,30 @@ def test_quality_ranks_as_expected_on_heavy_tailed_weights() -> None:
     }
     assert snr[("int8", "group")] > snr[("int8", "channel")] > snr[("int8", "tensor")]
     assert snr[("int8", "group")] > snr[("fp8_e4m3fn", "group")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", FP8)
+def test_cuda_plain_cast_follows_the_cpu_rule_bit_for_bit(fmt: str) -> None:
+    """On CUDA the torch twin gives the Rust path's bits (the installed CPU cast's rule, and every injected
+    rule), whatever rule torch's own CUDA cast follows."""
+    for x in (all_16bit(torch.float16), all_16bit(torch.bfloat16), torch.cat([random_f32_bits(1 << 20), F32_EDGES])):
+        assert torch.equal(quant.quantize(x.cuda(), fmt, "none").data.cpu(), quant.quantize(x, fmt, "none").data)
+        for rule in _every_rule(fmt):
+            rust = quant.api._quantize_rust(x, fmt, "none", None, rule=rule).data
+            assert torch.equal(quant._quantize_torch(x.cuda(), fmt, "none", None, rule=rule).data.cpu(), rust), rule
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize(("granularity", "group_size"), GRANULARITY_CASES)
+def test_cuda_scaled_quantize_equals_the_rust_path(fmt: str, granularity: str, group_size: int | None) -> None:
+    t = heavy_tailed((96, 512), torch.bfloat16, seed=8)
+    rust = quant.quantize(t, fmt, granularity, group_size)
+    cuda = quant.quantize(t.cuda(), fmt, granularity, group_size)
+    assert torch.equal(bits(rust.data), bits(cuda.data.cpu()))
+    assert torch.equal(bits(rust.scale), bits(cuda.scale.cpu()))
+    for out in FLOAT_DTYPES:
+        assert torch.equal(bits(rust.dequantize(out)), bits(cuda.dequantize(out).cpu()))

@@ -40,9 +40,15 @@ def simd_level() -> str:
     (the environment variable VRAMKIT_SIMD=portable|avx2|avx512, read once, caps it)."""
 
 def fp8_cast(x: FloatArray, fmt: Literal["fp8_e4m3fn", "fp8_e5m2"],
-             out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
-    """Unscaled cast to FP8 codes, bit for bit as `torch.Tensor.to(torch.float8_*)`: round to nearest even,
-    NaN/inf kept, overflow gives NaN (e4m3fn) or inf (e5m2), never saturation. Shape of `x`."""
+             out: npt.NDArray[np.uint8] | None = None, *,
+             overflow: Literal["nan", "inf", "saturate"] | None = None,
+             inf: Literal["nan", "inf", "saturate"] | None = None) -> npt.NDArray[np.uint8]:
+    """Unscaled cast to FP8 codes, bit for bit as `torch.Tensor.to(torch.float8_*)` under an overflow rule:
+    round to nearest even (subnormals included), NaN stays NaN (0x7f with its sign); a finite value beyond
+    the range (|x| > 464 for e4m3fn, |x| >= 61440 for e5m2) becomes `overflow` and ±inf becomes `inf`, each
+    "nan" (0x7f), "inf" (0x7c, e5m2 only) or "saturate" (±448 = 0x7e, ±57344 = 0x7b), with the input's sign.
+    Omitted: c10's unsaturated cast (torch 2.11's CPU cast), "nan" for e4m3fn and "inf" for e5m2; torch 2.15
+    saturates e4m3fn (`vramkit.quant.CAST_RULES` holds the installed torch's rule). Shape of `x`."""
 
 def quantize(x: FloatArray, fmt: Format, block_len: int, out: CodeArray | None = None,
              scales_out: npt.NDArray[np.float32] | None = None

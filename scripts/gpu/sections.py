@@ -76,8 +76,19 @@ def quant_bits(dev: str) -> list[Row]:
     import torch
 
     from vramkit import quant
+    from vramkit.quant import cast_rule
 
     rows: list[Row] = []
+    # Information: the overflow rule of torch's own casts. `none` follows the CPU cast's (probed at import)
+    # on every device; the torch twin writes it explicitly, so the CUDA cast's rule must not matter.
+    for fmt in ("fp8_e4m3fn", "fp8_e5m2"):
+        try:
+            on_dev = cast_rule.probe(fmt, dev).describe()
+        except cast_rule.UnknownCastRule as exc:
+            on_dev = f"no known rule ({exc})"
+        rows.append({"check": f"torch fp8 cast rule {fmt}",
+                     "result": f"CPU: {quant.CAST_RULES[fmt].describe()} (followed everywhere); "
+                               f"{dev}: {on_dev}", "ok": None})
     g = torch.Generator().manual_seed(0)
     every16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16)
     cases: list[tuple[str, torch.Tensor, str, str | None]] = []
@@ -93,8 +104,11 @@ def quant_bits(dev: str) -> list[Row]:
         for gran in ("tensor", "channel", "group"):
             cases.append((f"{fmt} {gran}, bf16 3072x3072", w, fmt, gran))
     for label, t, fmt, gran in cases:
-        q_cpu = quant.quantize(t, fmt, gran)
-        q_dev = quant.quantize(t.to(dev), fmt, gran)
+        q_cpu = quant.quantize(t, fmt, gran)  # the Rust path
+        if dev == "cpu":  # dry run: the torch twin forced onto the CPU tensor
+            q_dev = quant._quantize_torch(t.contiguous(), fmt, gran, 64 if gran == "group" else None)
+        else:  # the torch twin on the device
+            q_dev = quant.quantize(t.to(dev), fmt, gran)
         same = torch.equal(q_cpu.data.view(torch.uint8), q_dev.data.cpu().view(torch.uint8))
         if q_cpu.scale is not None:
             assert q_dev.scale is not None
@@ -105,6 +119,11 @@ def quant_bits(dev: str) -> list[Row]:
         rows.append({"check": f"quant CPU vs {dev}: {label}",
                      "result": f"codes+scales {'identical' if same else 'DIFFER'}; dequantized "
                                f"{'identical' if same_deq else 'DIFFER'}", "ok": same and same_deq})
+        if gran == "none":  # information: where torch's own device cast differs from the followed rule
+            own = t.to(dev).to(quant.TORCH_FP8[fmt]).view(torch.uint8).cpu()
+            differ = int((own != q_cpu.data).sum())
+            rows.append({"check": f"torch's own {dev} cast vs the followed rule: {label}",
+                         "result": f"{differ} of {t.numel()} codes differ", "ok": None})
     return rows
 
 

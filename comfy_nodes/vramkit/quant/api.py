@@ -6,8 +6,10 @@ The format tables live in `formats`.
 
 Exact semantics, reproducible anywhere:
 
-- ``granularity="none"`` (fp8 only): ``t.to(torch.float8_e4m3fn)`` (or e5m2) viewed as uint8, NaN, Inf and
-  overflow included, exactly as torch casts.
+- ``granularity="none"`` (fp8 only): ``t.to(torch.float8_e4m3fn)`` (or e5m2) viewed as uint8, exactly as the
+  installed torch casts on CPU, NaN, Inf and overflow included: its overflow rule (NaN or saturation to ±448
+  for e4m3fn, depending on the torch version) is probed at import (`cast_rule.CAST_RULES`) and followed on
+  every device.
 - Scaled fp8: ``scale = amax / fmt_max`` in float32 (fmt_max 448 for e4m3fn, 57344 for e5m2) and
   ``data = (t.float() / scale).clamp(-fmt_max, fmt_max).to(fp8)``.
 - INT8: ``scale = amax / 127`` in float32 and ``data = torch.round(t.float() / scale).clamp(-127, 127)``.
@@ -32,6 +34,7 @@ from .. import _core
 from .._arrays import as_numpy
 from ..errors import DtypeError, dtype_names
 from . import torch_math
+from .cast_rule import CAST_RULES, CastRule
 from .formats import DEFAULT_GROUP_SIZE, FORMATS, GRANULARITIES, OUTPUT_DTYPES, SOURCE_DTYPES, block_len, scale_shape
 
 if TYPE_CHECKING:
@@ -193,10 +196,12 @@ def _resolve_granularity(t: torch.Tensor, format: str, granularity: str | None,
 
 # --- the Rust path (CPU) ------------------------------------------------------------------------------------
 
-def _quantize_rust(t: torch.Tensor, format: str, granularity: str, group_size: int | None) -> QTensor:
+def _quantize_rust(t: torch.Tensor, format: str, granularity: str, group_size: int | None,
+                   rule: CastRule | None = None) -> QTensor:
     # The Rust core allocates the outputs (huge-page backed when large) and torch adopts them, no copy.
     if granularity == "none":
-        data = torch.from_numpy(_core.fp8_cast(as_numpy(t), format))
+        rule = CAST_RULES[format] if rule is None else rule
+        data = torch.from_numpy(_core.fp8_cast(as_numpy(t), format, overflow=rule.overflow, inf=rule.inf))
         return QTensor(data, None, format, granularity, None, t.shape, t.dtype)
     codes, scales = _core.quantize(as_numpy(t), format, block_len(t.shape, granularity, group_size))
     scale = torch.from_numpy(scales).reshape(scale_shape(t.shape, granularity, group_size))
@@ -221,9 +226,10 @@ def _dequantize_rust(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
 
 # --- the torch path (CUDA and other devices; the same math: `torch_math`) -----------------------------------
 
-def _quantize_torch(t: torch.Tensor, format: str, granularity: str, group_size: int | None) -> QTensor:
+def _quantize_torch(t: torch.Tensor, format: str, granularity: str, group_size: int | None,
+                    rule: CastRule | None = None) -> QTensor:
     if granularity == "none":
-        return QTensor(torch_math.cast_fp8(t, format), None, format, granularity, None, t.shape, t.dtype)
+        return QTensor(torch_math.cast_fp8(t, format, rule), None, format, granularity, None, t.shape, t.dtype)
     data, scale = torch_math.quantize_blocks(t, format, block_len(t.shape, granularity, group_size))
     return QTensor(data, scale.reshape(scale_shape(t.shape, granularity, group_size)), format, granularity,
                    group_size, t.shape, t.dtype)

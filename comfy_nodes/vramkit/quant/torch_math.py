@@ -8,12 +8,26 @@ import math
 
 import torch
 
+from .cast_rule import CAST_RULES, OVERFLOW_FROM, CastRule
 from .formats import FORMAT_MAX, TORCH_FP8
 
 
-def cast_fp8(t: torch.Tensor, format: str) -> torch.Tensor:
-    """The unscaled cast: ``t.to(fp8)`` viewed as uint8 (NaN, Inf and overflow as torch casts them)."""
-    return t.to(TORCH_FP8[format]).view(torch.uint8)
+def cast_fp8(t: torch.Tensor, format: str, rule: CastRule | None = None) -> torch.Tensor:
+    """The unscaled cast viewed as uint8: ``t.to(fp8)`` of the installed torch's CPU cast (`rule`, default
+    `CAST_RULES[format]`), on any device. The device's own cast only sees values it can represent (clamped to
+    ±fmt_max); finite overflow, ±inf and NaN are then written from the rule, with the input's sign, so a
+    device whose cast saturates (or not) differently cannot change the result."""
+    rule = CAST_RULES[format] if rule is None else rule
+    over_code, inf_code = rule.codes(format)
+    fmt_max = FORMAT_MAX[format]
+    codes = t.clamp(-fmt_max, fmt_max).to(TORCH_FP8[format]).view(torch.uint8)
+    sign = torch.signbit(t).to(torch.uint8) << 7
+    magnitude = t.abs()
+    threshold, inclusive = OVERFLOW_FROM[format]
+    overflow = magnitude >= threshold if inclusive else magnitude > threshold  # ±inf included, NaN not
+    codes = torch.where(overflow, sign | over_code, codes)
+    codes = torch.where(magnitude == float("inf"), sign | inf_code, codes)
+    return torch.where(torch.isnan(t), sign | 0x7F, codes)
 
 
 def quantize_blocks(t: torch.Tensor, format: str, block_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 //! Python bindings of `vramkit_core::attention` (the kernel and its engines).
 
 use crate::arrays::{describe, fill_output, slice, FloatArray};
-use crate::{opt_usize_arg, to_py_err};
+use crate::{guard, opt_usize_arg, to_py_err};
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -166,101 +166,106 @@ fn attention<'py>(
     heads_per_group: Option<&Bound<'py, PyAny>>,
     engine: &str,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyDict>)> {
-    let heads = opt_usize_arg("heads", heads, 1)?;
-    let block_q = opt_usize_arg("block_q", block_q, 1)?;
-    let block_kv = opt_usize_arg("block_kv", block_kv, 1)?;
-    let heads_per_group = opt_usize_arg("heads_per_group", heads_per_group, 1)?;
-    let engine = Engine::parse(engine).map_err(to_py_err)?;
-    let (qa, ka, va) = (
-        FloatArray::extract("q", q)?,
-        FloatArray::extract("k", k)?,
-        FloatArray::extract("v", v)?,
-    );
-    let (layout, h) = match heads {
-        None => (Layout::Bhnd, 0),
-        Some(h) => (Layout::Bnhd, h),
-    };
-    let dims = dims_of(layout, h, &qa.shape(), &ka.shape(), &va.shape())?;
-    let mask = mask.map(MaskArray::extract).transpose()?;
-    let mask_values = mask.as_ref().map(|m| m.values()).transpose()?;
-    let mask = match (&mask, mask_values) {
-        (Some(m), Some(values)) => {
-            let s = m.shape();
-            let shape: [usize; 4] = s.as_slice().try_into().map_err(|_| {
+    guard("attention", || {
+        let heads = opt_usize_arg("heads", heads, 1)?;
+        let block_q = opt_usize_arg("block_q", block_q, 1)?;
+        let block_kv = opt_usize_arg("block_kv", block_kv, 1)?;
+        let heads_per_group = opt_usize_arg("heads_per_group", heads_per_group, 1)?;
+        let engine = Engine::parse(engine).map_err(to_py_err)?;
+        let (qa, ka, va) = (
+            FloatArray::extract("q", q)?,
+            FloatArray::extract("k", k)?,
+            FloatArray::extract("v", v)?,
+        );
+        let (layout, h) = match heads {
+            None => (Layout::Bhnd, 0),
+            Some(h) => (Layout::Bnhd, h),
+        };
+        let dims = dims_of(layout, h, &qa.shape(), &ka.shape(), &va.shape())?;
+        let mask = mask.map(MaskArray::extract).transpose()?;
+        let mask_values = mask.as_ref().map(|m| m.values()).transpose()?;
+        let mask = match (&mask, mask_values) {
+            (Some(m), Some(values)) => {
+                let s = m.shape();
+                let shape: [usize; 4] = s.as_slice().try_into().map_err(|_| {
                 PyValueError::new_err(format!(
                     "mask must have 4 dimensions (batch, heads, q_len, kv_len), each 1 or the full size; \
                      got shape {s:?}"
                 ))
             })?;
-            Some(Mask { values, shape })
-        }
-        _ => None,
-    };
-    let blocks = match (block_q, block_kv, heads_per_group) {
-        (None, None, None) => None,
-        (bq, bk, g) => {
-            let d = vramkit_core::attention::default_blocks(&dims, rayon::current_num_threads());
-            Some(Blocks {
-                block_q: bq.unwrap_or(d.block_q),
-                block_kv: bk.unwrap_or(d.block_kv),
-                heads_per_group: g.unwrap_or(d.heads_per_group),
-            })
-        }
-    };
-    let opts = Options {
-        scale,
-        blocks,
-        engine,
-    };
-    let mut out_shape = qa.shape();
-    if let Some(last) = out_shape.last_mut() {
-        *last = match layout {
-            Layout::Bhnd => dims.v_head_dim,
-            Layout::Bnhd => dims.v_head_dim * dims.heads,
+                Some(Mask { values, shape })
+            }
+            _ => None,
         };
-    }
-    let mut stats = None;
-    macro_rules! run {
-        ($q:expr, $k:expr, $v:expr, $t:ty, $store:ty) => {{
-            let (qs, ks, vs): (&[$t], &[$t], &[$t]) = (
-                bytemuck::cast_slice(slice("q", $q)?),
-                bytemuck::cast_slice(slice("k", $k)?),
-                bytemuck::cast_slice(slice("v", $v)?),
-            );
-            let st = &mut stats;
-            let m = mask.as_ref();
-            let arr = fill_output(py, "out", None, &out_shape, |o: &mut [$store]| {
-                let o: &mut [$t] = bytemuck::cast_slice_mut(o);
-                *st = Some(run_attention(qs, ks, vs, o, &dims, layout, m, &opts)?);
-                Ok(())
-            })?;
-            arr.into_any()
-        }};
-    }
-    let out = match (&qa, &ka, &va) {
-        (FloatArray::F32(q), FloatArray::F32(k), FloatArray::F32(v)) => run!(q, k, v, f32, f32),
-        (FloatArray::F16(q), FloatArray::F16(k), FloatArray::F16(v)) => {
-            run!(q, k, v, half::f16, half::f16)
+        let blocks = match (block_q, block_kv, heads_per_group) {
+            (None, None, None) => None,
+            (bq, bk, g) => {
+                let d =
+                    vramkit_core::attention::default_blocks(&dims, rayon::current_num_threads());
+                Some(Blocks {
+                    block_q: bq.unwrap_or(d.block_q),
+                    block_kv: bk.unwrap_or(d.block_kv),
+                    heads_per_group: g.unwrap_or(d.heads_per_group),
+                })
+            }
+        };
+        let opts = Options {
+            scale,
+            blocks,
+            engine,
+        };
+        let mut out_shape = qa.shape();
+        if let Some(last) = out_shape.last_mut() {
+            *last = match layout {
+                Layout::Bhnd => dims.v_head_dim,
+                Layout::Bnhd => dims.v_head_dim * dims.heads,
+            };
         }
-        (FloatArray::Bf16(q), FloatArray::Bf16(k), FloatArray::Bf16(v)) => {
-            run!(q, k, v, half::bf16, u16)
+        let mut stats = None;
+        macro_rules! run {
+            ($q:expr, $k:expr, $v:expr, $t:ty, $store:ty) => {{
+                let (qs, ks, vs): (&[$t], &[$t], &[$t]) = (
+                    bytemuck::cast_slice(slice("q", $q)?),
+                    bytemuck::cast_slice(slice("k", $k)?),
+                    bytemuck::cast_slice(slice("v", $v)?),
+                );
+                let st = &mut stats;
+                let m = mask.as_ref();
+                let arr = fill_output(py, "out", None, &out_shape, |o: &mut [$store]| {
+                    let o: &mut [$t] = bytemuck::cast_slice_mut(o);
+                    *st = Some(run_attention(qs, ks, vs, o, &dims, layout, m, &opts)?);
+                    Ok(())
+                })?;
+                arr.into_any()
+            }};
         }
-        _ => {
-            return Err(PyTypeError::new_err(format!(
-                "q, k and v must have the same dtype; got {}, {} and {}",
-                describe(q),
-                describe(k),
-                describe(v)
-            )))
-        }
-    };
-    let stats = stats
-        .ok_or_else(|| PyValueError::new_err("internal error: the kernel reported nothing"))?;
-    Ok((out, stats_dict(py, &stats)?))
+        let out = match (&qa, &ka, &va) {
+            (FloatArray::F32(q), FloatArray::F32(k), FloatArray::F32(v)) => run!(q, k, v, f32, f32),
+            (FloatArray::F16(q), FloatArray::F16(k), FloatArray::F16(v)) => {
+                run!(q, k, v, half::f16, half::f16)
+            }
+            (FloatArray::Bf16(q), FloatArray::Bf16(k), FloatArray::Bf16(v)) => {
+                run!(q, k, v, half::bf16, u16)
+            }
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "q, k and v must have the same dtype; got {}, {} and {}",
+                    describe(q),
+                    describe(k),
+                    describe(v)
+                )))
+            }
+        };
+        let stats = stats
+            .ok_or_else(|| PyValueError::new_err("internal error: the kernel reported nothing"))?;
+        Ok((out, stats_dict(py, &stats)?))
+    })
 }
 
 /// The attention engines this CPU runs, fastest last ("portable" always).
 #[pyfunction]
-fn attention_engines() -> Vec<&'static str> {
-    Engine::supported().into_iter().map(|e| e.name()).collect()
+fn attention_engines() -> PyResult<Vec<&'static str>> {
+    guard("attention_engines", || {
+        Ok(Engine::supported().into_iter().map(|e| e.name()).collect())
+    })
 }

@@ -1,6 +1,7 @@
 //! `vramkit._core._bench`: helpers for `vramkit bench` only, kept out of the public `_core` API.
 
 use crate::arrays::{fill_output, slice};
+use crate::guard;
 use pyo3::prelude::*;
 use vramkit_core::quant::TASK_ELEMS;
 
@@ -17,16 +18,18 @@ fn copy_bytes<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, numpy::PyArrayDyn<u8>>> {
-    let bytes = x
-        .call_method1("view", ("uint8",))?
-        .call_method1("reshape", (-1,))?;
-    let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
-    let src = slice("x", &a)?;
-    fill_output(py, "out", None, &[src.len()], |dst| {
-        use rayon::prelude::*;
-        dst.par_chunks_mut(TASK_ELEMS * 4)
-            .zip(src.par_chunks(TASK_ELEMS * 4))
-            .for_each(|(d, s)| d.copy_from_slice(s));
-        Ok(())
+    guard("_bench.copy_bytes", || {
+        let bytes = x
+            .call_method1("view", ("uint8",))?
+            .call_method1("reshape", (-1,))?;
+        let a = bytes.extract::<numpy::PyReadonlyArrayDyn<'py, u8>>()?;
+        let src = slice("x", &a)?;
+        fill_output(py, "out", None, &[src.len()], |dst| {
+            use rayon::prelude::*;
+            dst.par_chunks_mut(TASK_ELEMS * 4)
+                .zip(src.par_chunks(TASK_ELEMS * 4))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            Ok(())
+        })
     })
 }

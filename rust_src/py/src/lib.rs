@@ -4,6 +4,7 @@
 mod arrays;
 mod attention;
 mod bench;
+mod guard;
 mod plan;
 mod plan_fit;
 mod quant;
@@ -13,22 +14,28 @@ use pyo3::prelude::*;
 use pyo3::types::PyBool;
 use vramkit_core::error::CoreError;
 
+pub use guard::guard;
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add_function(wrap_pyfunction!(simd_level, m)?)?;
-    quant::register(m)?;
-    attention::register(m)?;
-    plan::register(m)?;
-    plan_fit::register(m)?;
-    bench::register(m)?;
-    Ok(())
+    guard("<module init>", || {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add_function(wrap_pyfunction!(simd_level, m)?)?;
+        quant::register(m)?;
+        attention::register(m)?;
+        plan::register(m)?;
+        plan_fit::register(m)?;
+        bench::register(m)?;
+        #[cfg(any(test, feature = "test-panic"))]
+        m.add_function(wrap_pyfunction!(guard::_test_panic, m)?)?;
+        Ok(())
+    })
 }
 
 /// The vector instruction set the kernels use on this CPU.
 #[pyfunction]
-fn simd_level() -> &'static str {
-    vramkit_core::simd::level().name()
+fn simd_level() -> PyResult<&'static str> {
+    guard("simd_level", || Ok(vramkit_core::simd::level().name()))
 }
 
 /// An int argument in `min..=usize::MAX`. pyo3's own extraction raises OverflowError for negative or huge

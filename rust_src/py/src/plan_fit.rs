@@ -486,15 +486,17 @@ fn plan_fit<'py>(
     budget_bytes: &Bound<'py, PyAny>,
     preset: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let model = parse_model(&as_dict("model_profile", model_profile)?)?;
-    let device = parse_device(&as_dict("device", device)?)?;
-    let job = parse_job(&as_dict("job", job)?)?;
-    let budget = super::usize_arg("budget_bytes", budget_bytes, 0)? as u64;
-    let preset = value(Preset::parse(preset))?;
-    let estimate = job.estimate;
-    let result = py.detach(|| plan(&model, &device, &job, budget, preset));
-    let p = value(result)?;
-    plan_dict(py, &p, &model.name, &device.name, estimate)
+    crate::guard("plan_fit", || {
+        let model = parse_model(&as_dict("model_profile", model_profile)?)?;
+        let device = parse_device(&as_dict("device", device)?)?;
+        let job = parse_job(&as_dict("job", job)?)?;
+        let budget = super::usize_arg("budget_bytes", budget_bytes, 0)? as u64;
+        let preset = value(Preset::parse(preset))?;
+        let estimate = job.estimate;
+        let result = py.detach(|| plan(&model, &device, &job, budget, preset));
+        let p = value(result)?;
+        plan_dict(py, &p, &model.name, &device.name, estimate)
+    })
 }
 
 fn model_dict<'py>(
@@ -560,9 +562,11 @@ fn model_dict<'py>(
 /// The built-in model profiles, in the same dict layout `plan_fit` takes, keyed by name.
 #[pyfunction]
 fn builtin_profiles(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    let out = PyDict::new(py);
-    for ((name, description), m) in builtin::names().into_iter().zip(builtin::profiles()) {
-        out.set_item(name, model_dict(py, &m, description)?)?;
-    }
-    Ok(out)
+    crate::guard("builtin_profiles", || {
+        let out = PyDict::new(py);
+        for ((name, description), m) in builtin::names().into_iter().zip(builtin::profiles()) {
+            out.set_item(name, model_dict(py, &m, description)?)?;
+        }
+        Ok(out)
+    })
 }

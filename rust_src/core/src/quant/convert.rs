@@ -2,10 +2,11 @@
 //!
 //! Every function is branch-free (selects, not jumps) so that the loops calling them vectorize.
 //! FP8 encoding is a literal port of `c10::detail::fp8e4m3fn_from_fp32_value` and
-//! `fp8e5m2_from_fp32_value`: round to nearest even, including subnormals, and no saturation
-//! (e4m3fn overflows to NaN, e5m2 to infinity). Callers that want saturation clamp first.
+//! `fp8e5m2_from_fp32_value` as torch 2.11 ships them: round to nearest even, including subnormals, and no
+//! saturation (e4m3fn overflows to NaN, e5m2 to infinity). The unscaled cast kernel then applies the
+//! overflow rule of the torch at hand (`quant::CastRule`); the scaled kernels clamp first.
 
-/// f32 -> float8_e4m3fn bits, as `torch.Tensor.to(torch.float8_e4m3fn)`.
+/// f32 -> float8_e4m3fn bits, as c10's unsaturated cast (torch 2.11's `t.to(torch.float8_e4m3fn)` on CPU).
 #[inline(always)]
 pub fn f32_to_e4m3fn(x: f32) -> u8 {
     const FP8_MAX: u32 = 1087 << 20; // 480.0: the first magnitude that is not representable
@@ -32,7 +33,7 @@ pub fn f32_to_e4m3fn(x: f32) -> u8 {
     r | (sign >> 24) as u8
 }
 
-/// f32 -> float8_e5m2 bits, as `torch.Tensor.to(torch.float8_e5m2)`.
+/// f32 -> float8_e5m2 bits, as c10's cast (`t.to(torch.float8_e5m2)` on CPU).
 #[inline(always)]
 pub fn f32_to_e5m2(x: f32) -> u8 {
     const FP32_INF: u32 = 255 << 23;

@@ -5,7 +5,7 @@
 
 use super::convert::{e4m3fn_to_f32_fast, e5m2_to_f32_fast, f32_to_e4m3fn, f32_to_e5m2};
 use super::parallel::{for_each_block_segment, TASK_ELEMS};
-use super::{block_count, Element, Format, OutElement};
+use super::{block_count, CastRule, Element, Format, OutElement};
 use crate::error::{CoreError, CoreResult};
 use crate::simd::multiversion;
 use rayon::prelude::*;
@@ -34,17 +34,25 @@ fn check_same_len(what: &str, got: usize, want: usize) -> CoreResult<()> {
     Ok(())
 }
 
-/// Unscaled cast to FP8, bit for bit as `torch.Tensor.to(float8_*)` (NaN/inf/overflow included).
-pub fn fp8_cast<T: Element>(fmt: Format, src: &[T], dst: &mut [u8]) -> CoreResult<()> {
+/// Unscaled cast to FP8, bit for bit as `torch.Tensor.to(float8_*)` under the overflow rule `rule`: round to
+/// nearest even (subnormals included), NaN stays NaN with its sign, and finite overflow and ±infinity become
+/// what `rule` says (with the input's sign).
+pub fn fp8_cast<T: Element>(
+    fmt: Format,
+    rule: CastRule,
+    src: &[T],
+    dst: &mut [u8],
+) -> CoreResult<()> {
     if !fmt.is_fp8() {
         return Err(CoreError::Value(
             "an unscaled cast exists only for the fp8 formats; int8 needs a scale".into(),
         ));
     }
+    let (finite, inf) = rule.codes(fmt)?;
     check_same_len("the output", dst.len(), src.len())?;
     dst.par_chunks_mut(TASK_ELEMS)
         .zip(src.par_chunks(TASK_ELEMS))
-        .for_each(|(d, s)| cast(fmt, s, d));
+        .for_each(|(d, s)| cast(fmt, finite, inf, s, d));
     Ok(())
 }
 
@@ -88,7 +96,7 @@ pub fn quantize<T: Element>(
 }
 
 multiversion!(fn amax<T: Element>(x: &[T]) -> u32 => amax_bits);
-multiversion!(fn cast<T: Element>(fmt: Format, x: &[T], dst: &mut [u8]) => cast_codes);
+multiversion!(fn cast<T: Element>(fmt: Format, finite: u8, inf: u8, x: &[T], dst: &mut [u8]) => cast_codes);
 multiversion!(fn encode<T: Element>(fmt: Format, x: &[T], scale: f32, dst: &mut [u8]) => scale_codes);
 multiversion!(fn quantize_task<T: Element>(
     fmt: Format, x: &[T], block_len: usize, dst: &mut [u8], scales: &mut [f32], offset: usize
@@ -143,20 +151,37 @@ fn amax_bits<T: Element>(x: &[T]) -> u32 {
         .fold(0u32, |m, v| m.max(v.to_f32().to_bits() & 0x7FFF_FFFF))
 }
 
-/// Casts `x` to fp8 codes without a scale, as torch does (no clamp: overflow gives NaN or inf).
+/// Casts `x` to fp8 codes without a scale: c10's unsaturated cast, then `finite` (the code for a finite
+/// value beyond the range) and `inf` (for ±infinity), both given without sign, replace its overflow codes.
 #[inline(always)]
-fn cast_codes<T: Element>(fmt: Format, x: &[T], dst: &mut [u8]) {
+fn cast_codes<T: Element>(fmt: Format, finite: u8, inf: u8, x: &[T], dst: &mut [u8]) {
+    #[inline(always)]
+    fn run<T: Element>(
+        x: &[T],
+        dst: &mut [u8],
+        finite: u8,
+        inf: u8,
+        overflow_code: u8,
+        f: impl Fn(f32) -> u8,
+    ) {
+        for (d, &v) in dst.iter_mut().zip(x) {
+            let v = v.to_f32();
+            let bits = v.to_bits();
+            let a = bits & 0x7FFF_FFFF;
+            let sign = (bits >> 24) as u8 & 0x80;
+            let base = f(v);
+            // c10 writes `overflow_code` for finite overflow, infinity and (e4m3fn) NaN; NaN stays as is.
+            let r = if base & 0x7F == overflow_code && a < NON_FINITE_BITS {
+                finite | sign
+            } else {
+                base
+            };
+            *d = if a == NON_FINITE_BITS { inf | sign } else { r };
+        }
+    }
     match fmt {
-        Format::Fp8E4m3fn => {
-            for (d, &v) in dst.iter_mut().zip(x) {
-                *d = f32_to_e4m3fn(v.to_f32());
-            }
-        }
-        Format::Fp8E5m2 => {
-            for (d, &v) in dst.iter_mut().zip(x) {
-                *d = f32_to_e5m2(v.to_f32());
-            }
-        }
+        Format::Fp8E4m3fn => run(x, dst, finite, inf, 0x7F, f32_to_e4m3fn),
+        Format::Fp8E5m2 => run(x, dst, finite, inf, 0x7C, f32_to_e5m2),
         // `fp8_cast` refuses int8 before any task runs.
         Format::Int8 => {}
     }
@@ -415,6 +440,57 @@ mod tests {
     }
 
     #[test]
+    fn cast_rules_change_only_overflow_and_infinity() {
+        use super::super::Overflow;
+        let x = [
+            448.0,
+            464.0,
+            464.0001,
+            -479.0,
+            480.0,
+            1e5,
+            57344.0,
+            61439.0,
+            61440.0,
+            -3e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            1.0,
+        ];
+        let cast_with = |fmt, finite, inf| {
+            let mut d = vec![0u8; x.len()];
+            fp8_cast(fmt, CastRule { finite, inf }, &x, &mut d).unwrap();
+            d
+        };
+        use Overflow::{Inf, Nan, Saturate};
+        let e4 = Format::Fp8E4m3fn;
+        #[rustfmt::skip]
+        let want: [u8; 15] = [0x7E, 0x7E, 0x7F, 0xFF, 0x7F, 0x7F, 0x7F, 0x7F, 0x7F, 0xFF, 0x7F, 0xFF, 0x7F, 0xFF, 0x38];
+        assert_eq!(cast_with(e4, Nan, Nan), want);
+        #[rustfmt::skip]
+        let want: [u8; 15] = [0x7E, 0x7E, 0x7E, 0xFE, 0x7E, 0x7E, 0x7E, 0x7E, 0x7E, 0xFE, 0x7E, 0xFE, 0x7F, 0xFF, 0x38];
+        assert_eq!(cast_with(e4, Saturate, Saturate), want);
+        #[rustfmt::skip]
+        let want: [u8; 15] = [0x7E, 0x7E, 0x7E, 0xFE, 0x7E, 0x7E, 0x7E, 0x7E, 0x7E, 0xFE, 0x7F, 0xFF, 0x7F, 0xFF, 0x38];
+        assert_eq!(cast_with(e4, Saturate, Nan), want);
+        let e5 = Format::Fp8E5m2;
+        #[rustfmt::skip]
+        let want: [u8; 15] = [0x5F, 0x5F, 0x5F, 0xDF, 0x60, 0x7C, 0x7B, 0x7B, 0x7C, 0xFC, 0x7C, 0xFC, 0x7F, 0xFF, 0x3C];
+        assert_eq!(cast_with(e5, Inf, Inf), want);
+        #[rustfmt::skip]
+        let want: [u8; 15] = [0x5F, 0x5F, 0x5F, 0xDF, 0x60, 0x7B, 0x7B, 0x7B, 0x7B, 0xFB, 0x7F, 0xFF, 0x7F, 0xFF, 0x3C];
+        assert_eq!(cast_with(e5, Saturate, Nan), want);
+        let mut d = vec![0u8; x.len()];
+        let bad = CastRule {
+            finite: Inf,
+            inf: Inf,
+        };
+        assert!(fp8_cast(e4, bad, &x, &mut d).is_err());
+    }
+
+    #[test]
     fn all_zero_block_gets_scale_one() {
         let x = vec![0f32; 64];
         let mut codes = vec![7u8; 64];
@@ -449,7 +525,7 @@ mod tests {
         assert!(quantize(Format::Int8, &x, 33, &mut codes, &mut scales).is_err());
         assert!(quantize(Format::Int8, &x, 50, &mut codes, &mut scales).is_err());
         assert!(quantize::<f32>(Format::Int8, &[], 1, &mut [], &mut []).is_err());
-        assert!(fp8_cast(Format::Int8, &x, &mut codes).is_err());
+        assert!(fp8_cast(Format::Int8, CastRule::SATURATE, &x, &mut codes).is_err());
         let mut out = vec![0f32; 100];
         assert!(dequantize(Format::Int8, &codes, None, 100, &mut out).is_err());
         assert!(dequantize(Format::Int8, &codes, Some(&[1.0; 3]), 50, &mut out).is_err());

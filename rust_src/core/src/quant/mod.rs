@@ -9,15 +9,22 @@
 //!   a block whose scale would be 0 (all zeros) gets scale 1.
 //! - fp8 code = cast(clamp(x / scale, -fmt_max, fmt_max)); int8 code = clamp(round_half_even(x / scale), -127, 127).
 //! - dequantized value = decode(code) * scale in f32, then rounded to the output dtype.
+//!
+//! The unscaled fp8 cast (`fp8_cast`) rounds to nearest even like torch's cast and writes what a
+//! `CastRule` says for values the format cannot hold: torch changed that rule between versions (torch
+//! 2.11's CPU cast gives NaN for e4m3fn overflow, torch 2.15's saturates to ±448), so the caller passes the
+//! rule of the torch it runs beside.
 
 pub mod convert;
 pub mod element;
 mod kernels;
 mod parallel;
+mod rule;
 
 pub use element::{Element, FloatType, OutElement};
 pub use kernels::{dequantize, error_stats, fp8_cast, quantize, ErrorStats};
 pub use parallel::TASK_ELEMS;
+pub use rule::{CastRule, Overflow};
 
 use crate::error::{CoreError, CoreResult};
 
