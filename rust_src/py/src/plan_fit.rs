@@ -1,7 +1,7 @@
 //! Python bindings of the fit planner (`vramkit_core::plan::ladder`): dicts in, a dict out. Every field error is a
 //! ValueError naming the field (`device['h2d_gbps']`), unknown keys included (a typo is not ignored).
 
-use super::to_py_err;
+use super::{guard, to_py_err};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyList};
@@ -486,7 +486,7 @@ fn plan_fit<'py>(
     budget_bytes: &Bound<'py, PyAny>,
     preset: &str,
 ) -> PyResult<Bound<'py, PyDict>> {
-    crate::guard("plan_fit", || {
+    guard("plan_fit", || {
         let model = parse_model(&as_dict("model_profile", model_profile)?)?;
         let device = parse_device(&as_dict("device", device)?)?;
         let job = parse_job(&as_dict("job", job)?)?;
@@ -562,7 +562,7 @@ fn model_dict<'py>(
 /// The built-in model profiles, in the same dict layout `plan_fit` takes, keyed by name.
 #[pyfunction]
 fn builtin_profiles(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
-    crate::guard("builtin_profiles", || {
+    guard("builtin_profiles", || {
         let out = PyDict::new(py);
         for ((name, description), m) in builtin::names().into_iter().zip(builtin::profiles()) {
             out.set_item(name, model_dict(py, &m, description)?)?;
