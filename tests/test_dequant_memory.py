@@ -16,10 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from alloc_tracer import AllocationTracer  # noqa: E402
+from alloc_tracer import AllocationTracer
 
-from vramkit import quant  # noqa: E402
-from vramkit.quant import api, torch_math  # noqa: E402
+from vramkit import quant
+from vramkit.quant import api, torch_math
 
 MiB = 1 << 20
 BOUND = 64 * MiB

@@ -20,7 +20,7 @@ from vramkit.comfy.nodes import VRAMKitQuantize
 from vramkit.quant import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: alloc_tracer
-from alloc_tracer import AllocationTracer  # noqa: E402
+from alloc_tracer import AllocationTracer
 
 MiB = 1 << 20
 NATIVE_LAYOUT = {("int8", "channel"): ("TensorWiseINT8Layout", "int8_tensorwise"),
@@ -94,7 +94,7 @@ def test_native_weight_only_output_equals_our_layouts(tiny, kind, scheme):
     forward gives VRAMKit's layout's output, and the input model is untouched."""
     before = sample(tiny, kind)
     state = {k: v.clone() for k, v in tiny.model.state_dict().items()}
-    native, report = quantize(tiny, *scheme)
+    native, _ = quantize(tiny, *scheme)
     ours, ours_report = quantize(tiny, *scheme, native=False)
     assert not ours_report.native
     out = sample(native, kind)
@@ -149,7 +149,7 @@ def test_int8_matmul_calls_comfy_kitchens_int8_linear(tiny, kind, monkeypatch):
             return real(*args, **kwargs)
 
     monkeypatch.setattr(kitchen_int8.torch.ops.comfy_kitchen, "int8_linear", Spy(), raising=False)
-    out_model, report = quantize(tiny, "int8", "channel", compute="int8 matmul")
+    out_model, _ = quantize(tiny, "int8", "channel", compute="int8 matmul")
     sample(out_model, kind)
     assert calls, "no INT8 matmul ran"
     weight_only, _ = quantize(tiny, "int8", "channel")

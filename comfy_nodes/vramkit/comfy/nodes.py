@@ -9,8 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
-from . import (attention_modes, budget, dtypes, measure, offload_encoders, precision, quantize_model,
-               quantized_ops, selection)
+from . import (
+    attention_modes,
+    budget,
+    dtypes,
+    measure,
+    offload_encoders,
+    precision,
+    quantize_model,
+    quantized_ops,
+    selection,
+)
 
 CATEGORY = "VRAMKit"
 

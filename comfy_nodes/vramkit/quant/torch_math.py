@@ -71,11 +71,8 @@ def dequantize(data: torch.Tensor, format: str, scale: torch.Tensor | None, bloc
     flat_out = out.view(-1)
     scales = None if scale is None else scale.to(device=data.device, dtype=torch.float32).reshape(-1)
     limit = max(1, chunk_bytes // 4)
-    # Chunks hold whole blocks when a block fits (one scale per row of the chunk), else part of one block.
-    if scales is None or block_len > limit:
-        step = limit
-    else:
-        step = (limit // block_len) * block_len
+    # Chunks hold whole blocks when a block fits (one scale per row of the chunk), else parts of blocks.
+    step = limit if scales is None or block_len > limit else (limit // block_len) * block_len
     work = None if dtype == torch.float32 else torch.empty(min(step, n), dtype=torch.float32,
                                                            device=data.device)
     for start in range(0, n, step):
