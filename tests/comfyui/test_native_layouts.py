@@ -324,3 +324,24 @@ def test_comfyui_paths_dequantize_within_output_plus_64_mib(flux_weight, torch_p
 class _Holder:
     def __init__(self, scheme: quantized_ops.Scheme) -> None:
         self._vramkit_scheme = scheme
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("fmt", "granularity"), [("int8", "channel"), ("int8", "group"), ("fp8_e4m3fn", "tensor")])
+def test_cuda_weight_only_forward_dequantizes_within_output_plus_64_mib(flux_weight, fmt, granularity):
+    """On the device: the weight a layer's weight-only forward dequantizes (ComfyUI's layout where it has
+    one, else VRAMKit's) costs its output plus at most 64 MiB (torch.cuda.max_memory_allocated)."""
+    q = quant.quantize(flux_weight.cuda(), fmt, granularity, 64 if granularity == "group" else None)
+    if has_native() and layouts.native_format(fmt, granularity):
+        qt, _ = layouts.native_weight(q, torch.bfloat16)
+    else:
+        qt = layouts.comfy_weight(q, torch.bfloat16)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = layouts.dequantize_to(qt, torch.bfloat16)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.nbytes
+    assert extra <= 64 * MiB, f"{layouts.layout_name(qt)}: {extra / MiB:.1f} MiB beyond the output"
+    assert torch.equal(out.cpu().view(torch.int16), q.to("cpu").dequantize(torch.bfloat16).view(torch.int16))

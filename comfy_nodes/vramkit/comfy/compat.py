@@ -231,9 +231,9 @@ def native_layout_problem() -> str | None:
 
 
 @functools.cache
-def mixed_precision_linear(compute_dtype: torch.dtype) -> type:
+def mixed_precision_linear(compute_dtype: torch.dtype) -> Any:
     """ComfyUI's mixed-precision Linear (the class its loader builds for a layer of a quantized checkpoint)."""
-    return comfy_ops().mixed_precision_ops({}, compute_dtype, full_precision_mm=False).Linear  # type: ignore[no-any-return]
+    return comfy_ops().mixed_precision_ops({}, compute_dtype, full_precision_mm=False).Linear
 
 
 def is_mixed_precision_linear(module: object) -> bool:

@@ -45,8 +45,10 @@ class VRAMKitQuantize:
     DESCRIPTION = ("Stores the model's Linear and Conv weights in 8 bits (INT8 or FP8) and dequantizes each layer "
                    "as it runs: about half the VRAM of FP16 (a quarter of FP32). INT8 with a scale per group of "
                    "64 weights keeps the most quality; norms, embeddings and the first and last layers stay in "
-                   "high precision. Works with LoRA (apply the LoRA after this node) and with ComfyUI's "
-                   "offloading.")
+                   "high precision. Per-tensor FP8 and per-tensor/per-channel INT8 use ComfyUI's own formats "
+                   "where it has them (0.29+), so ModelSave and ComfyUI's kernels handle them; compute "
+                   "'int8 matmul' runs ComfyUI's fast W8A8 kernels. Works with LoRA (apply the LoRA after this "
+                   "node) and with ComfyUI's offloading.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")

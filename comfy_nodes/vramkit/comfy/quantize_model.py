@@ -161,7 +161,7 @@ def _candidates(model: Any) -> tuple[list[patch.Layer], dict[str, str], dict[str
             already[name] = "by VRAMKit"
         elif compat.is_comfy_quantized(weight):
             fmt = compat.native_layer_format(module)
-            already[name] = f"ComfyUI {fmt}" if fmt else f"ComfyUI {layouts.layout_name(weight)}"
+            already[name] = f"ComfyUI {fmt}" if fmt else f"ComfyUI {compat.quantized_layout_name(weight)}"
         elif not isinstance(module, _OPS):
             if compat.is_mixed_precision_linear(module):
                 refused[name] = "a ComfyUI mixed-precision layer (a quantized checkpoint's), left as loaded"
@@ -311,7 +311,7 @@ def _own_stand_in(layer: patch.Layer, q: quant.QTensor, others: dict[str, torch.
         try:
             weight = layouts.comfy_weight(q, target) if native else layouts.ours(q, target)
             stand_in = quantized_ops.quantized_copy(layer.module, q, scheme, others, layer.buffers, weight)
-            report.layouts[layouts.layout_name(stand_in.weight)] += 1
+            report.layouts[layouts.layout_name(weight)] += 1
             return stand_in
         except Exception as exc:  # an unexpected registry API: VRAMKit's modules need none
             reason = f"{type(exc).__name__}: {exc}"
