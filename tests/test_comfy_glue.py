@@ -3,6 +3,7 @@ clamp, measurements (ComfyUI's objects replaced by small stand-ins where needed)
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
 import pytest
@@ -34,6 +35,20 @@ def test_node_declarations():
     mode = nodes.VRAMKitAttention.INPUT_TYPES()["required"]["mode"]
     assert mode[1]["default"] in mode[0]
     assert mode[1]["default"] == ("auto" if attention_modes.vramkit_modes_available() else "sdpa")
+
+
+def test_quantize_node_keeps_old_workflows_loading():
+    """New inputs are optional with defaults: a workflow saved with the six original inputs still validates
+    and runs as before (weight-only dequantize, no rotation)."""
+    spec = nodes.VRAMKitQuantize.INPUT_TYPES()
+    assert list(spec["required"]) == ["model", "format", "granularity", "group_size", "skip_patterns",
+                                      "compute_dtype"]
+    optional = spec["optional"]
+    assert optional["compute"][0] == ["dequantize", "int8 matmul"]
+    assert optional["compute"][1]["default"] == "dequantize"
+    assert optional["rotation"][0] == ["none", "convrot"] and optional["rotation"][1]["default"] == "none"
+    defaults = inspect.signature(nodes.VRAMKitQuantize.run).parameters
+    assert defaults["compute"].default == "dequantize" and defaults["rotation"].default == "none"
 
 
 def test_wildcard_type_matches_everything():

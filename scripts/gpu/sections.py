@@ -154,8 +154,39 @@ def dequant_peak(dev: str) -> list[Row]:
             rows.append({"check": f"dequant peak: {label} {fmt} {gran}",
                          "result": f"output {w.numel() * 2 / MiB:.0f} MiB + extra {extra / MiB:.1f} MiB",
                          "ok": extra <= 64 * MiB})
+        rows += _kitchen_dequant_peak(label, w)
         del w
     return rows
+
+
+def _kitchen_dequant_peak(label: str, w: Any) -> list[Row]:
+    """comfy-kitchen's own dequantize of the same per-row INT8 weight (``int8_tensorwise``, what ComfyUI's
+    cast path runs for a native layer), for comparison: information, not VRAMKit's bound. VRAMKit's forward
+    for native layers (compute "dequantize") reads the codes and scales with the bounded path above."""
+    import torch
+
+    from vramkit import quant
+
+    try:
+        from comfy_kitchen.tensor import QuantizedTensor, TensorWiseINT8Layout
+    except ImportError as exc:
+        return [{"check": f"dequant peak: {label} comfy-kitchen int8_tensorwise", "result": f"skipped: {exc}",
+                 "ok": None}]
+    q = quant.quantize(w, "int8", "channel")
+    assert q.scale is not None
+    params = TensorWiseINT8Layout.Params(scale=q.scale.reshape(-1, 1), orig_dtype=torch.bfloat16,
+                                         orig_shape=tuple(w.shape))
+    qt = QuantizedTensor(q.data, "TensorWiseINT8Layout", params)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = qt.dequantize()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    same = torch.equal(out.view(torch.int16), q.dequantize(torch.bfloat16).view(torch.int16))
+    return [{"check": f"dequant peak: {label} comfy-kitchen int8_tensorwise (per row)",
+             "result": f"extra {extra / MiB:.1f} MiB (comfy-kitchen's own kernel); values "
+                       f"{'identical to' if same else 'DIFFER from'} VRAMKit's", "ok": None if same else False}]
 
 
 PLAIN: dict[str, Callable[[str], list[Row]]] = {"quant_bits": quant_bits, "dequant_peak": dequant_peak}
@@ -286,21 +317,37 @@ def nodes(manager: str) -> list[Row]:
                      "ok": resident <= budget_gb * 1024**3 + page and helpers.rel(out, ref) < 1e-3})
         mm.unload_all_models()
 
-        for fmt, gran in (("int8", "group"), ("int8", "channel"), ("fp8_e4m3fn", "tensor")):
-            qnode = _node("VRAMKitQuantize")
-            req = qnode.INPUT_TYPES()["required"]
-            args = {"format": fmt, "granularity": gran, "group_size": 64, "skip_patterns": "none",
-                    "compute_dtype": "default"}
-            qm = _result(getattr(qnode, qnode.FUNCTION)(model, **{k: v for k, v in args.items() if k in req}))[0]
+        for fmt, gran, compute, rotation in (("int8", "group", "dequantize", "none"),
+                                             ("int8", "channel", "dequantize", "none"),
+                                             ("int8", "channel", "int8 matmul", "none"),
+                                             ("int8", "channel", "int8 matmul", "convrot"),
+                                             ("fp8_e4m3fn", "tensor", "dequantize", "none")):
+            qm, text = _quantize_node(model, fmt, gran, compute, rotation)
             out, box = _sample(qm, 64, 2, dev)
             err = helpers.rel(out, ref)
-            rows.append({"check": f"[{manager}] Quantize {fmt} {gran}",
-                         "result": f"output vs plain {err:.1e}; resident {qm.loaded_size() / MiB:.0f} MiB; "
-                                   + _fmt_box(box), "ok": err < 0.1})
+            native = "ComfyUI's own layouts" in text
+            label = f"{fmt} {gran}" + ("" if compute == "dequantize" else f", {compute}") + (
+                f", {rotation}" if rotation != "none" else "")
+            rows.append({"check": f"[{manager}] Quantize {label}",
+                         "result": f"output vs plain {err:.1e}; {'native layout' if native else 'VRAMKit layout'}; "
+                                   f"resident {qm.loaded_size() / MiB:.0f} MiB; " + _fmt_box(box),
+                         "ok": err < 0.1})
             mm.unload_all_models()
 
         rows += _attention_keeps_backend(model, manager, dev)
     return rows
+
+
+def _quantize_node(model: Any, fmt: str, gran: str, compute: str = "dequantize", rotation: str = "none"
+                   ) -> tuple[Any, str]:
+    """The Quantize node's output model and summary (inputs this version of the node lacks are left out)."""
+    qnode = _node("VRAMKitQuantize")
+    spec = qnode.INPUT_TYPES()
+    accepted = set(spec["required"]) | set(spec.get("optional", {}))
+    args = {"format": fmt, "granularity": gran, "group_size": 64, "skip_patterns": "none",
+            "compute_dtype": "default", "compute": compute, "rotation": rotation}
+    result = _result(getattr(qnode, qnode.FUNCTION)(model, **{k: v for k, v in args.items() if k in accepted}))
+    return result[0], str(result[1])
 
 
 def _attention_keeps_backend(model: Any, manager: str, dev: str) -> list[Row]:
@@ -347,13 +394,18 @@ def dit(manager: str) -> list[Row]:
         model = comfy.sd.load_diffusion_model(str(path))
         total = model.model_size()
         variants: list[tuple[str, Any]] = [("plain", model)]
-        q = _node("VRAMKitQuantize")
-        req = q.INPUT_TYPES()["required"]
         for fmt, gran in (("int8", "group"), ("fp8_e4m3fn", "tensor")):
-            args = {"format": fmt, "granularity": gran, "group_size": 64, "skip_patterns": "none",
-                    "compute_dtype": "default"}
-            variants.append((f"Quantize {fmt} {gran}",
-                             _result(getattr(q, q.FUNCTION)(model, **{k: v for k, v in args.items() if k in req}))[0]))
+            variants.append((f"Quantize {fmt} {gran}", _quantize_node(model, fmt, gran)[0]))
+        # int8 per row: ComfyUI's own layout (weight-only, W8A8, W8A8 + ConvRot) against VRAMKit's layout.
+        from vramkit.comfy import quantize_model
+
+        ours, _ = quantize_model.quantize_model(model, "int8", "channel", 64, "none", native=False)
+        variants.append(("Quantize int8 per-row, VRAMKit layout (weight-only)", ours))
+        for compute, rotation in (("dequantize", "none"), ("int8 matmul", "none"), ("int8 matmul", "convrot")):
+            qm, text = _quantize_node(model, "int8", "channel", compute, rotation)
+            where = "native" if "ComfyUI's own layouts" in text else "VRAMKit layout (no native here)"
+            variants.append((f"Quantize int8 per-row, {where} ({compute}"
+                             + (", ConvRot" if rotation != "none" else "") + ")", qm))
         off = _node("VRAMKitOffload")
         oreq = off.INPUT_TYPES()["required"]
         for gb in (1.0, 2.0):

@@ -45,7 +45,7 @@ def test_plan_predicts_what_comfyui_streams(tiny, kind, budget_mb, quantized, lo
 
     model = tiny
     if quantized:  # quantized layers computing in bf16: ComfyUI 0.29+ counts their dequantized copy too
-        model, _ = quantize_model.quantize_model(tiny, "int8", "group", 64, compute="bf16")
+        model, _ = quantize_model.quantize_model(tiny, "int8", "group", 64, compute_dtype="bf16")
     if lora:  # a LoRA before the node: ComfyUI's loader adds its estimate of patching a streamed layer
         model = apply_lora(model, lora_state_dict(tiny))
         assert model.patches

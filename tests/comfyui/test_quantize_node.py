@@ -22,8 +22,8 @@ SCHEMES = sorted(TOLERANCE)
 
 
 def quantize(model, fmt="int8", granularity="group", group_size=64, skip=selection.DEFAULT_SKIP,
-             compute="default"):
-    result = VRAMKitQuantize().run(model, fmt, granularity, group_size, skip, compute)
+             compute_dtype="default", **optional):
+    result = VRAMKitQuantize().run(model, fmt, granularity, group_size, skip, compute_dtype, **optional)
     out, summary = result["result"]
     assert result["ui"]["text"] == [summary]
     return out, summary
@@ -51,6 +51,7 @@ def test_model_size_drops_by_storage_ratio(tiny, kind, granularity):
     size_before = tiny.model_size()
     # Every quantized layer: 4 bytes (fp32) -> 1 byte per weight + one 4-byte scale per block.
     expected_layers = 0
+    expected_comfy = 0  # what ComfyUI's module_size counts: codes, plus scales for its own layouts
     for name in report.quantized:
         weight = tiny.get_model_object(f"diffusion_model.{name}").weight
         rows, row_len = weight.shape[0], weight.numel() // weight.shape[0]
@@ -58,18 +59,20 @@ def test_model_size_drops_by_storage_ratio(tiny, kind, granularity):
         if granularity == "group" and name in report.channel_fallback:
             blocks = rows
         expected_layers += weight.numel() + 4 * blocks
+        expected_comfy += weight.numel() + (4 * blocks if name in report.native else 0)
     assert report.bytes_after == expected_layers
     assert quantized.model_size() == size_before - report.bytes_before + report.bytes_after
     # fp32 -> 8 bits is 4x, less the scales: at most one 4-byte scale per 32 weights in these models.
     assert report.bytes_before / report.bytes_after > 4 / (1 + 4 / 32)
-    # ComfyUI's own accounting of the patched modules agrees (codes only: QuantizedTensor.nbytes).
+    # ComfyUI's own accounting of the patched modules agrees (module_size sums the state_dict: codes only
+    # for a QuantizedTensor parameter; codes, scale and comfy_quant marker for its own quantized Linear).
     import comfy.model_management as mm
 
-    patched_codes = sum(mm.module_size(m) - (0 if m.bias is None else m.bias.nbytes)
-                        for m in quantized.object_patches.values())
-    scales = expected_layers - sum(tiny.get_model_object(f"diffusion_model.{n}").weight.numel()
-                                   for n in report.quantized)
-    assert patched_codes == report.bytes_after - scales
+    patched = 0
+    for module in quantized.object_patches.values():
+        sd = module.state_dict()
+        patched += mm.module_size(module) - sum(sd[k].nbytes for k in ("bias", "comfy_quant") if k in sd)
+    assert patched == expected_comfy
 
 
 @pytest.mark.parametrize("route", ["comfy", "module"])
@@ -120,13 +123,19 @@ def test_progress_bar_reports_every_layer(tiny, monkeypatch):
     assert [value for value, _ in calls] == sorted(value for value, _ in calls)
 
 
-def test_requantizing_a_quantized_model_keeps_its_layers(tiny):
-    once, first = quantize_model.quantize_model(tiny, "int8", "group", 64)
-    twice, second = quantize_model.quantize_model(once, "fp8_e4m3fn", "tensor", 64)
+@pytest.mark.parametrize(("first_scheme", "second_scheme"), [
+    (("int8", "group"), ("fp8_e4m3fn", "tensor")), (("int8", "channel"), ("int8", "group"))])
+def test_requantizing_a_quantized_model_keeps_its_layers_and_says_so(tiny, first_scheme, second_scheme):
+    once, first = quantize_model.quantize_model(tiny, *first_scheme, 64)
+    twice, second = quantize_model.quantize_model(once, *second_scheme, 64)
     assert not second.quantized
-    assert sum(reason == "already quantized by VRAMKit" for reason in second.skipped.values()) == len(
-        first.quantized)
+    assert set(second.already_quantized) == set(first.quantized)
+    assert set(second.already_quantized.values()) == {"by VRAMKit"}
+    assert not set(second.skipped) & set(first.quantized)
     assert twice.model_size() == once.model_size()
+    text = second.summary()
+    assert f"{len(first.quantized)} layers were already quantized (by VRAMKit: {len(first.quantized)})" in text
+    assert "not quantized a second time" in text
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -144,7 +153,7 @@ def test_bad_input_is_refused_clearly(tiny, args, message):
 
 
 def test_compute_dtype_sets_the_dequantized_dtype(tiny, kind):
-    quantized, _ = quantize(tiny, "int8", "group", compute="bf16")
+    quantized, _ = quantize(tiny, "int8", "group", compute_dtype="bf16")
     assert quantized.get_model_object("manual_cast_dtype") == torch.bfloat16
     # Compare with the unquantized model computing in bf16 too (bf16 alone moves the tiny Flux by ~30%).
     reference = tiny.clone()

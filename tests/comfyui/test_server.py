@@ -97,6 +97,19 @@ def test_api_twin_runs(server, name):
         assert "peak" in texts[report_key]
 
 
+def test_quantize_prompt_saved_before_compute_and_rotation_still_runs(server):
+    """Workflows saved before the optional compute/rotation inputs existed queue and run with their defaults
+    (weight-only dequantize, no rotation)."""
+    _, api = workflow_tools.load("quantize")
+    prompt = workflow_tools.tinyfy(api)
+    key = next(k for k, node in prompt.items() if node["class_type"] == "VRAMKitQuantize")
+    for name in ("compute", "rotation"):
+        del prompt[key]["inputs"][name]
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    assert "Compute: dequantize" in entry["outputs"][key]["text"][0]
+
+
 def test_bad_input_fails_with_a_clear_message(server):
     _, api = workflow_tools.load("quantize")
     prompt = workflow_tools.tinyfy(api)

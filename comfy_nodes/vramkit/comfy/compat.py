@@ -184,3 +184,89 @@ def set_model_options_wrapper(model_options: dict[str, Any], wrapper_type: str, 
     there: the same storage ``ModelPatcher.add_wrapper_with_key`` uses, on every supported version."""
     wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
     wrappers.setdefault(wrapper_type, {})[key] = [wrapper]
+
+
+# --- ComfyUI's native quantized layouts (0.29+: comfy-kitchen tensors and mixed-precision ops) ---------------
+
+#: VRAMKit format -> ComfyUI's ``QUANT_ALGOS`` format string (the ``comfy_quant`` "format" of a layer).
+NATIVE_FORMAT_NAMES = {"fp8_e4m3fn": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2", "int8": "int8_tensorwise"}
+_NATIVE_PARAM_FIELDS = {"int8_tensorwise": {"scale", "orig_dtype", "orig_shape", "is_weight", "convrot",
+                                            "convrot_groupsize"},
+                        "float8_e4m3fn": {"scale", "orig_dtype", "orig_shape"},
+                        "float8_e5m2": {"scale", "orig_dtype", "orig_shape"}}
+
+
+def quant_ops() -> Any:
+    return importlib.import_module("comfy.quant_ops")
+
+
+def comfy_ops() -> Any:
+    return importlib.import_module("comfy.ops")
+
+
+@functools.cache
+def native_layout_problem() -> str | None:
+    """Why this ComfyUI's native layouts (``float8_*``, ``int8_tensorwise`` in ComfyUI's mixed-precision
+    Linear) cannot hold VRAMKit's weights, or None when they can.
+
+    Checks the shape of the API VRAMKit relies on (comfy-kitchen's layout registry and Params fields, the
+    ``QUANT_ALGOS`` entries, ``mixed_precision_ops``' Linear and its weight-only forward), so a ComfyUI or
+    comfy-kitchen that changed it is detected up front and VRAMKit's own layout is used instead.
+    """
+    if quant_backend() != "comfy_kitchen":
+        return f"ComfyUI {comfyui_version()} has no comfy-kitchen quantized tensors"
+    try:
+        import dataclasses
+
+        qo, ops = quant_ops(), comfy_ops()
+        for fmt, fields in _NATIVE_PARAM_FIELDS.items():
+            algo = qo.QUANT_ALGOS.get(fmt)
+            if algo is None:
+                return f"ComfyUI's QUANT_ALGOS has no {fmt!r}"
+            layout = qo.get_layout_class(algo["comfy_tensor_layout"])
+            names = {f.name for f in dataclasses.fields(layout.Params)}
+            if not fields <= names:
+                return (f"{algo['comfy_tensor_layout']}.Params lacks {', '.join(sorted(fields - names))} "
+                        "(comfy-kitchen changed)")
+        if qo.QUANT_ALGOS["int8_tensorwise"].get("comfy_tensor_layout") != "TensorWiseINT8Layout":
+            return "int8_tensorwise is no longer TensorWiseINT8Layout"
+        for name in ("mixed_precision_ops", "cast_bias_weight", "uncast_bias_weight"):
+            if not callable(getattr(ops, name, None)):
+                return f"comfy.ops has no {name}"
+        linear = mixed_precision_linear(torch.float32)
+        init = inspect.signature(linear.__init__).parameters
+        forward = inspect.signature(linear.forward_comfy_cast_weights).parameters
+        if not {"in_features", "out_features", "bias", "device"} <= init.keys():
+            return "mixed_precision_ops().Linear takes other constructor arguments"
+        if "weight_only_quant" not in forward:
+            return "mixed_precision_ops().Linear has no weight-only forward (weight_only_quant)"
+        for method in ("set_weight", "convert_weight", "state_dict", "_apply"):
+            if not callable(getattr(linear, method, None)):
+                return f"mixed_precision_ops().Linear has no {method}"
+    except Exception as exc:  # any surprise in a private API means: do not use it
+        return f"unexpected comfy-kitchen/ComfyUI API: {type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.cache
+def mixed_precision_linear(compute_dtype: torch.dtype) -> Any:
+    """ComfyUI's mixed-precision Linear (the class its loader builds for a layer of a quantized checkpoint)."""
+    return comfy_ops().mixed_precision_ops({}, compute_dtype, full_precision_mm=False).Linear
+
+
+def is_mixed_precision_linear(module: object) -> bool:
+    """A ComfyUI mixed-precision Linear (any ``mixed_precision_ops`` call's class)."""
+    return any(c.__qualname__.endswith("MixedPrecisionOps.Linear") for c in type(module).__mro__)
+
+
+def native_layer_format(module: object) -> str | None:
+    """The ComfyUI format (``comfy_quant`` "format") of a layer ComfyUI treats as quantized, else None."""
+    fmt = getattr(module, "quant_format", None)
+    if fmt is None or getattr(module, "layout_type", None) is None:
+        return None
+    return str(fmt)
+
+
+def native_params(t: Any) -> Any:
+    """The layout parameters of a comfy-kitchen QuantizedTensor (a Params dataclass); None for 0.3.7x's."""
+    return getattr(t, "_params", None)

@@ -19,6 +19,7 @@ from . import (
     offload_encoders,
     precision,
     quantize_model,
+    quantized_ops,
     selection,
 )
 
@@ -46,8 +47,10 @@ class VRAMKitQuantize:
     DESCRIPTION = ("Stores the model's Linear and Conv weights in 8 bits (INT8 or FP8) and dequantizes each layer "
                    "as it runs: about half the VRAM of FP16 (a quarter of FP32). INT8 with a scale per group of "
                    "64 weights keeps the most quality; norms, embeddings and the first and last layers stay in "
-                   "high precision. Works with LoRA (apply the LoRA after this node) and with ComfyUI's "
-                   "offloading.")
+                   "high precision. Per-tensor FP8 and per-tensor/per-channel INT8 use ComfyUI's own formats "
+                   "where it has them (0.29+), so ModelSave and ComfyUI's kernels handle them; compute "
+                   "'int8 matmul' runs ComfyUI's fast W8A8 kernels. Works with LoRA (apply the LoRA after this "
+                   "node) and with ComfyUI's offloading.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
@@ -78,13 +81,26 @@ class VRAMKitQuantize:
             "compute_dtype": (list(dtypes.CHOICES), {
                 "default": "default",
                 "tooltip": "What the weights are dequantized to for the math; default keeps the model's."}),
+        }, "optional": {
+            # Optional with defaults: workflows saved before these inputs existed load and run unchanged.
+            "compute": (list(quantized_ops.COMPUTES), {
+                "default": "dequantize",
+                "tooltip": "dequantize: weight-only, each weight is dequantized for its matmul (best quality). "
+                           "int8 matmul: W8A8 through ComfyUI's INT8 kernels (fastest on NVIDIA sm >= 7.5, "
+                           "somewhat lower quality); needs format int8 with granularity channel or tensor "
+                           "and ComfyUI 0.29+."}),
+            "rotation": (list(quantize_model.ROTATIONS), {
+                "default": "none",
+                "tooltip": "convrot: rotate each layer by a block Hadamard (ComfyUI's ConvRot, groups of 256) "
+                           "before INT8 matmuls, which recovers most of W8A8's quality loss. Needs compute "
+                           "int8 matmul and granularity channel."}),
         }}
 
     def run(self, model: Any, format: str, granularity: str, group_size: int, skip_patterns: str,
-            compute_dtype: str) -> dict[str, Any]:
+            compute_dtype: str, compute: str = "dequantize", rotation: str = "none") -> dict[str, Any]:
         precision.check_bf16(model, dtypes.parse(compute_dtype, "compute_dtype"), "compute_dtype")
         out, report = quantize_model.quantize_model(model, format, granularity, group_size, skip_patterns,
-                                                    compute_dtype)
+                                                    compute_dtype, compute=compute, rotation=rotation)
         text = report.summary()
         return _with_text(text, out, text)
 

@@ -61,14 +61,56 @@ def codes_as_float(data: torch.Tensor, format: str) -> torch.Tensor:
     return data.view(TORCH_FP8[format]).float()
 
 
+#: The most float32 working memory one `dequantize` call holds (besides its output): 32 MiB, far under the
+#: 64 MiB the documentation promises, so a caching allocator's rounding never crosses it.
+DEQUANT_CHUNK_BYTES = 32 << 20
+
+
 def dequantize(data: torch.Tensor, format: str, scale: torch.Tensor | None, block_len: int,
-               dtype: torch.dtype) -> torch.Tensor:
-    """``(codes as float32 * scale).to(dtype)``, shaped like `data`."""
-    values = codes_as_float(data, format)
-    if scale is None:
-        return values.to(dtype)
-    blocks = values.reshape(-1, block_len) * scale.to(torch.float32).reshape(-1, 1)
-    return blocks.reshape(data.shape).to(dtype)
+               dtype: torch.dtype, chunk_bytes: int = DEQUANT_CHUNK_BYTES) -> torch.Tensor:
+    """``(codes as float32 * scale).to(dtype)``, shaped like `data`, with bounded temporaries.
+
+    The output is allocated once; the codes are widened to float32 and scaled a chunk of whole scale blocks
+    at a time (at most `chunk_bytes` of float32, reused), each chunk rounded once into its slice of the
+    output. A float32 output is its own workspace. The bits are those of the one-shot formula: every
+    element is still ``float32(code) * float32(scale)`` rounded once to `dtype`.
+    """
+    out = torch.empty(data.shape, dtype=dtype, device=data.device)
+    n = data.numel()
+    if n == 0:
+        return out
+    codes = data.reshape(-1)
+    if format != "int8":
+        codes = codes.view(TORCH_FP8[format])
+    flat_out = out.view(-1)
+    scales = None if scale is None else scale.to(device=data.device, dtype=torch.float32).reshape(-1)
+    limit = max(1, chunk_bytes // 4)
+    # Chunks hold whole blocks when a block fits (one scale per row of the chunk), else parts of blocks.
+    step = limit if scales is None or block_len > limit else (limit // block_len) * block_len
+    work = None if dtype == torch.float32 else torch.empty(min(step, n), dtype=torch.float32,
+                                                           device=data.device)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        dst = flat_out[start:stop] if work is None else work[: stop - start]
+        dst.copy_(codes[start:stop])  # exact: every 8-bit code is a float32
+        if scales is not None:
+            if block_len > limit:
+                _scale_ranges(dst, scales, block_len, start, stop)
+            else:
+                dst.view(-1, block_len).mul_(scales[start // block_len: stop // block_len, None])
+        if work is not None:
+            flat_out[start:stop].copy_(dst)  # the one rounding
+    return out
+
+
+def _scale_ranges(dst: torch.Tensor, scales: torch.Tensor, block_len: int, start: int, stop: int) -> None:
+    """Scales `dst` (elements `start:stop` of the flat tensor) block by block, for blocks longer than a chunk."""
+    pos = start
+    while pos < stop:
+        block = pos // block_len
+        end = min(stop, (block + 1) * block_len)
+        dst[pos - start: end - start].mul_(scales[block])
+        pos = end
 
 
 def error_stats(t: torch.Tensor, dequantized: torch.Tensor) -> dict[str, float]:
