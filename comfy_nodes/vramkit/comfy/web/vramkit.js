@@ -2,8 +2,8 @@
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODES = new Set(["VRAMKitQuantize", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
-                       "VRAMKitReport"]);
+const NODES = new Set(["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision",
+                       "VRAMKitFreeAfter", "VRAMKitReport"]);
 
 app.registerExtension({
   name: "vramkit.ShowText",
