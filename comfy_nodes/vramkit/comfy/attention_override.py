@@ -96,15 +96,17 @@ def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: 
     """A ComfyUI ``optimized_attention_override`` running `vramkit.attention.attention` in `mode`.
 
     `budget_bytes` bounds the extra memory the planner gives "auto", "chunked" and "sliced"; 0 means the
-    memory free on the device at each call, as in `vramkit.attention.attention` (the ComfyUI node's
-    "0 = auto"). `previous` is the model's current override, if any (foreign ones keep being called, an
+    memory free on the device, as in `vramkit.attention.attention` (the ComfyUI node's "0 = auto"): read
+    once per sampling step inside `vramkit.attention.planner.sampling_step()` (the node's wrapper enters one
+    per step), at each call outside one. "auto" off the CPU keeps ComfyUI's `func` for the calls it fits
+    (see the module docs). `previous` is the model's current override, if any (foreign ones keep being called, an
     earlier VRAMKit one is replaced: see the module docs). Calls this attention does not support go to
     ComfyUI's `func`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory at each call); got "
+        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory); got "
                          f"{budget_bytes!r}")
     _check_previous(previous)
     auto = _AutoChoice(budget_bytes) if mode == "auto" else None
@@ -226,8 +228,8 @@ class _AutoChoice:
         label = backend_label(func)
         if fits:
             log_once(log, ("auto keeps", label), "vramkit attention auto: ComfyUI's %s runs this model's attention "
-                     "(the backend ComfyUI chose; VRAMKit's chunked/sliced only for calls it does not fit the "
-                     "memory budget)", label, level=logging.INFO)
+                     "(the backend ComfyUI chose; VRAMKit's chunked/sliced only for calls it is predicted not to "
+                     "fit in the memory budget)", label, level=logging.INFO)
             return None
         assert predicted is not None  # backend_fits predicts whenever a kernel does not fit
         mode = planner.choose_mode(p, budget, candidates=None if kind == "full" else ("chunked", "sliced"))
