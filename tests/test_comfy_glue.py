@@ -309,3 +309,12 @@ def test_offload_planner_sizes_that_would_wrap_never_fit(rule: str, streams: int
     plan = _core.plan_offload([2**63] * 2, [2**63] * 2, [True] * 2, 10**6, 2**64 - 1, streams, rule)
     assert plan["resident"] == [False, False] and plan["resident_bytes"] == 0
     assert plan["streamed_layers"] == 2 and plan["streamed_bytes"] == 2**64 - 1
+
+
+def test_attention_node_lists_every_mode_without_comfyui_and_returns_a_summary():
+    """Outside ComfyUI (no backend registry at all) the list is the same as inside with every backend."""
+    spec = nodes.VRAMKitAttention.INPUT_TYPES()["required"]["mode"][0]
+    assert spec == list(attention_modes.NODE_MODES) == ["auto", "sdpa", "chunked", "sliced", "sub_quad", "split",
+                                                        "sage", "flash", "xformers"]
+    assert nodes.VRAMKitAttention.RETURN_TYPES == ("MODEL", "STRING")
+    assert len(nodes.VRAMKitAttention.OUTPUT_TOOLTIPS) == 2

@@ -114,10 +114,12 @@ def test_smaller_budgets_give_smaller_plans_and_say_when_nothing_fits() -> None:
 def test_auto_follows_the_budget() -> None:
     q, k, v, heads, mask = make(CASES[0])
     p = prepare(q, k, v, heads, mask, None)
-    from vramkit.attention import choose_mode
+    from vramkit.attention import choose_mode, engines
 
-    assert choose_mode(p, None) == "chunked"  # CPU: the Rust kernel is the fastest that fits
-    assert choose_mode(p, 0) == "chunked"
+    # CPU: the Rust kernel first where its engine beats SDPA (AVX-512), else SDPA; both fit the free memory.
+    fastest = "chunked" if engines.rust_first(q.dtype) else "sdpa"
+    assert choose_mode(p, None) == fastest
+    assert choose_mode(p, 0) == fastest
     out = attention(q, k, v, heads, mask, mode="auto", budget_bytes=512 << 10)
     assert out.shape == q.shape
 
@@ -150,7 +152,7 @@ def test_none_and_0_mean_the_free_memory_everywhere(budget: int | None, monkeypa
     monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: 1000)
     assert choose_mode(p, budget) == choose_mode(p, 1000)  # nothing fits 1000 bytes: the smallest plan
     monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: 64 << 30)
-    assert choose_mode(p, budget) == "chunked"
+    assert choose_mode(p, budget) == ("chunked" if vramkit.attention.engines.rust_first(q.dtype) else "sdpa")
 
     monkeypatch.setattr(vramkit.attention.planner, "available_bytes", lambda device: free)
     flat = [t.transpose(1, 2).reshape(1, 1024, 8 * 64) for t in (q, k, v)]

@@ -135,6 +135,11 @@ def attention(q: FloatArray, k: FloatArray, v: FloatArray, heads: int | None = N
 def attention_engines() -> list[AttentionEngine]:
     """The engines this CPU runs ("portable" always; "avx512" needs AVX-512F; "avx512-bf16" AVX-512 BF16)."""
 
+def attention_engine(dtype: Literal["float32", "float16", "bfloat16"]) -> AttentionEngine:
+    """The engine `attention(..., engine="auto")` runs for inputs of `dtype` on this CPU: "avx512-bf16" for
+    bfloat16 where the CPU has AVX-512 BF16, "avx512" where it has AVX-512F, else "portable" (`VRAMKIT_SIMD`
+    below avx512 leaves only "portable"). ValueError for other names, TypeError for a non-str."""
+
 def plan_attention(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, dtype_bytes: int,
                    budget_bytes: int, *, v_head_dim: int | None = None, threads: int | None = None,
                    torch_threads: int | None = None, engine: AttentionEngine | None = None) -> AttentionPlan:

@@ -351,31 +351,55 @@ def _quantize_node(model: Any, fmt: str, gran: str, compute: str = "dequantize",
 
 
 def _attention_keeps_backend(model: Any, manager: str, dev: str) -> list[Row]:
-    """Attention 'auto' on CUDA must call the backend ComfyUI hands the override (the one it was started with)."""
+    """Attention 'auto' on CUDA must call the backend ComfyUI hands the override (the one it was started with),
+    say so in its summary, and read the free memory once per sampling step (not per attention call)."""
     import comfy.model_management as mm
 
+    import vramkit.attention.planner as planner
+
     node = _node("VRAMKitAttention")
-    patched = _result(getattr(node, node.FUNCTION)(model, "auto", 0))[0]
+    ret = _result(getattr(node, node.FUNCTION)(model, "auto", 0))
+    patched, summary = ret[0], (ret[1] if len(ret) > 1 else "")
     opts = patched.model_options["transformer_options"]
     ours = opts["optimized_attention_override"]
     calls = {"backend": 0, "all": 0}
+    handed: set[str] = set()
 
     def recording(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         def backend(*a: Any, **k: Any) -> Any:
             calls["backend"] += 1
             return func(*a, **k)
 
+        backend.__name__ = getattr(func, "__name__", "backend")  # the kind of backend decides its memory model
         calls["all"] += 1
+        handed.add(backend.__name__)
         return ours(backend, *args, **kwargs)
+
+    reads: list[str] = []
+    real_reader = planner.available_bytes
+
+    def reader(device: Any) -> int:
+        reads.append(str(device))
+        return real_reader(device)
 
     spy = patched.clone()
     spy.model_options["transformer_options"] = dict(opts, optimized_attention_override=recording)
-    _sample(spy, 64, 1, dev)
+    steps = 2
+    planner.available_bytes = reader
+    try:
+        _sample(spy, 64, steps, dev)
+    finally:
+        planner.available_bytes = real_reader
     mm.unload_all_models()
     kept = calls["all"] > 0 and calls["backend"] == calls["all"]
+    names = ", ".join(sorted(handed)) or "none"
     return [{"check": f"[{manager}] Attention auto keeps ComfyUI's backend",
-             "result": f"{calls['backend']} of {calls['all']} attention calls went to ComfyUI's backend",
-             "ok": kept if dev == "cuda" else None}]
+             "result": f"{calls['backend']} of {calls['all']} attention calls went to ComfyUI's backend ({names}); "
+                       f"summary: {summary[:160]}",
+             "ok": (kept and "ComfyUI's" in summary) if dev == "cuda" else None},
+            {"check": f"[{manager}] Attention auto reads free memory once per step",
+             "result": f"{len(reads)} reads over {steps} steps and {calls['all']} attention calls",
+             "ok": len(reads) == steps if calls["all"] > steps else None}]
 
 
 def dit(manager: str) -> list[Row]:

@@ -87,7 +87,7 @@ def test_api_twin_runs(server, name):
     texts = {key: out.get("text", [""])[0] for key, out in outputs.items()}
     node_key = next(key for key, node in api.items() if node["class_type"] == SHOWS[name])
     expected = {"quantize": "Quantized", "offload": "budget 6.00 GB", "precision": "Precision:",
-                "free_after": "Freed after use"}
+                "free_after": "Freed after use", "attention": "Attention: VRAMKit chunked"}
     if name in expected:
         assert expected[name] in texts[node_key]
     if name == "measure":
@@ -108,6 +108,23 @@ def test_quantize_prompt_saved_before_compute_and_rotation_still_runs(server):
     entry = server.run_prompt(prompt)
     assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
     assert "Compute: dequantize" in entry["outputs"][key]["text"][0]
+
+
+def test_attention_modes_are_the_same_everywhere_and_a_missing_one_falls_back(server, object_info):
+    """A workflow saved where sage is installed validates and runs here (no sage on this CPU server): the
+    node lists every mode on every machine and falls back to auto, saying so in its summary."""
+    modes = object_info["VRAMKitAttention"]["input"]["required"]["mode"][0]
+    assert {"auto", "sage", "flash", "xformers"} <= set(modes)
+    assert object_info["VRAMKitAttention"]["output"] == ["MODEL", "STRING"]
+    _, api = workflow_tools.load("attention")
+    prompt = workflow_tools.tinyfy(api)
+    key = next(k for k, node in prompt.items() if node["class_type"] == "VRAMKitAttention")
+    prompt[key]["inputs"]["mode"] = "sage"
+    entry = server.run_prompt(prompt)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    text = entry["outputs"][key]["text"][0]
+    assert "attention mode 'sage' is not available" in text.lower() and "using auto instead" in text
+    assert "Attention auto on cpu" in text
 
 
 def test_bad_input_fails_with_a_clear_message(server):

@@ -3,7 +3,10 @@ mode)`` (the modes and semantics are documented in `vramkit.attention.api`).
 
 - `api`: `attention`, `measure_mode`, the modes; dispatches to the paths below.
 - `problem`: checks a call and brings it to (B, H, N, D) views (`prepare`, `Problem`).
-- `planner`: the Rust planner's block and chunk sizes under a memory budget, and `choose_mode` ("auto").
+- `planner`: the Rust planner's block and chunk sizes under a memory budget (cached per shape and budget),
+  `choose_mode` ("auto"), the free memory read once per sampling step (`sampling_step`, `free_bytes`), and
+  the memory of outside kernels (`backend_fits`).
+- `engines`: which Rust engine runs a CPU call and whether it beats SDPA (measured), for "auto" on CPU.
 - `torch_paths`: SDPA, the chunked online-softmax path and slicing in torch (every device).
 - `external`: SageAttention, flash-attn and xFormers when installed and usable.
 - `measure`: peak extra memory of a call, measured.
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import engines
 from .api import EXTERNAL_MODES, MODES, attention, last_kernel_stats, measure_mode
-from .planner import available_bytes, budget_for, choose_mode, plan
+from .planner import available_bytes, budget_for, choose_mode, free_bytes, plan, sampling_step
 from .problem import DTYPES, Problem, prepare
 
 if TYPE_CHECKING:
@@ -32,8 +36,8 @@ if TYPE_CHECKING:
 _FROM_COMFY = ("ComfyOverride", "is_vramkit_override", "make_backend_override", "make_comfy_override")
 
 __all__ = ["DTYPES", "EXTERNAL_MODES", "MODES", "ComfyOverride", "Problem", "attention", "available_bytes",
-           "budget_for", "choose_mode", "is_vramkit_override", "last_kernel_stats", "make_backend_override",
-           "make_comfy_override", "measure_mode", "plan", "prepare"]
+           "budget_for", "choose_mode", "engines", "free_bytes", "is_vramkit_override", "last_kernel_stats",
+           "make_backend_override", "make_comfy_override", "measure_mode", "plan", "prepare", "sampling_step"]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,14 +16,19 @@ Modes (the attention modes of the VRAM guide; they are alternatives, pick one):
   kernel refuses the call (RuntimeError, NotImplementedError, ValueError or AssertionError, e.g. a head
   dim it lacks), a warning is logged once per reason and ``"auto"``'s choice runs.
 - ``"auto"``: the fastest mode whose predicted extra memory fits the budget on the tensors' device
-  (CPU: chunked, sdpa, sliced; CUDA and others: sdpa, chunked, sliced); if none fits, the one predicted
-  to need the least (with one warning per call shape and budget).
+  (CPU: chunked, sdpa, sliced where the Rust kernel's engine beats SDPA, i.e. the AVX-512 engines, else
+  sdpa, chunked, sliced (`vramkit.attention.engines`); CUDA and others: sdpa, chunked, sliced); if none
+  fits, the one predicted to need the least (with one warning per call shape and budget). (Inside ComfyUI,
+  the override's "auto" keeps ComfyUI's own backend on a GPU instead of "sdpa": see
+  `vramkit.comfy.attention_override`.)
 
 The budget (`budget_bytes`) bounds the extra memory a call allocates beyond its inputs and output, as
 predicted by the planner; "auto", "chunked" and "sliced" follow it ("sdpa" and the external kernels size
 their own memory). None or 0 means the memory free on the tensors' device when the call is made (CUDA: the
 driver's free memory plus torch's cached, unallocated memory; CPU: MemAvailable; other devices: unknown,
-so no limit). The ComfyUI override (`make_comfy_override`) means the same by 0.
+so no limit), read once per device per sampling step inside `planner.sampling_step()` (ComfyUI's sampler
+enters one per step through the node's wrapper). The ComfyUI override (`make_comfy_override`) means the
+same by 0. Plans are cached per call shape and budget.
 
 Semantics (all modes): ``softmax(scale * q k^T + mask) v`` per batch and head, with q, k, v
 (B, H, N, D) when `heads` is None and (B, N, H * D) when it is given; the output has q's layout and dtype

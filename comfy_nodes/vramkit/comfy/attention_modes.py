@@ -4,10 +4,20 @@ ComfyUI calls ``transformer_options["optimized_attention_override"](func, q, k, 
 attention backend of diffusion models (SD1.x/SDXL UNets, SD3, Flux, Wan, Qwen-Image, HunyuanVideo, LTX, ...;
 not VAEs or text encoders), where ``func`` is the backend it would have used. Modes:
 
+- VRAMKit's ``auto`` / ``chunked`` / ``sliced`` (from `vramkit.attention`), which honour a memory budget.
+  ``auto`` keeps ComfyUI's own backend (the one it was started with: sage, flash, xformers, pytorch, ...) on
+  a GPU and takes over only the calls that backend is predicted not to fit the budget; on the CPU it runs
+  the Rust kernel where its engine beats SDPA (AVX-512), else SDPA.
 - ComfyUI's own backends, picked per model instead of by a launch flag: ``sdpa`` (``--use-pytorch-cross-
   attention``), ``sub_quad`` (``--use-quad-cross-attention``), ``split`` (``--use-split-cross-attention``),
-  and ``sage`` / ``flash`` / ``xformers`` where installed.
-- VRAMKit's ``auto`` / ``chunked`` / ``sliced`` (from `vramkit.attention`), which honour a memory budget.
+  and ``sage`` / ``flash`` / ``xformers``.
+
+The node lists every mode on every machine (`NODE_MODES`), so a workflow saved where sage is installed
+loads everywhere; where a backend is missing the node falls back to ``auto`` with a warning (logged once,
+and said in the summary) instead of failing.
+
+With a budget of 0 (the free memory), the free memory is read once per sampling step: a ``PREDICT_NOISE``
+wrapper on the clone runs each model evaluation of the sampler inside `planner.sampling_step()`.
 
 Another pack may have set an override already (the key is shared). VRAMKit does not replace it: that
 override still runs, with the chosen backend as the ``func`` it delegates to.
@@ -21,8 +31,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from . import compat, patch
-from .attention_override import ComfyOverride, describe_callable, make_backend_override
+import torch
+
+from .._log import log_once
+from . import compat, patch, precision
+from .attention_override import ComfyOverride, backend_label, describe_callable, make_backend_override
 from .budget import budget_bytes
 
 log = logging.getLogger("vramkit.comfy")
@@ -31,12 +44,22 @@ log = logging.getLogger("vramkit.comfy")
 COMFY_BACKENDS = {"sdpa": "pytorch", "sub_quad": "sub_quad", "split": "split", "sage": "sage",
                   "flash": "flash", "xformers": "xformers"}
 VRAMKIT_MODES = ("auto", "chunked", "sliced")
+#: Every mode the node offers, on every machine (a saved workflow must load anywhere).
+NODE_MODES = ("auto", "sdpa", "chunked", "sliced", "sub_quad", "split", "sage", "flash", "xformers")
 _ALWAYS = ("auto", "sdpa", "chunked", "sliced", "sub_quad", "split")
 _OPTIONAL = ("sage", "flash", "xformers")
+#: The key of the wrapper that marks sampling steps (`vramkit.attention_step`).
+STEP_WRAPPER = "attention_step"
+
+
+def node_modes() -> list[str]:
+    """The node's mode list: the same on every machine (`NODE_MODES`)."""
+    return list(NODE_MODES)
 
 
 def available_modes() -> list[str]:
-    """The modes to offer: the always-present ones, plus sage/flash/xformers where ComfyUI registered them."""
+    """The modes this machine runs as asked: the always-present ones, plus sage/flash/xformers where ComfyUI
+    registered them (the others fall back to auto)."""
     try:
         optional = [m for m in _OPTIONAL if compat.attention_function(COMFY_BACKENDS[m]) is not None]
     except ImportError:  # outside ComfyUI (documentation, unit tests)
@@ -66,13 +89,32 @@ def _vramkit_override_factory() -> Callable[..., Any]:
     return factory  # type: ignore[no-any-return]
 
 
+def resolve_mode(mode: str) -> tuple[str, str | None]:
+    """The mode that runs for the node's `mode`, and why it differs (None when it does not): a ComfyUI
+    backend this ComfyUI lacks (sage, flash or xformers not installed) falls back to `default_mode()`, with
+    a warning logged once per mode."""
+    if mode not in NODE_MODES:
+        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(NODE_MODES)}")
+    if mode in VRAMKIT_MODES or compat.attention_function(COMFY_BACKENDS[mode]) is not None:
+        return mode, None
+    fallback = default_mode()
+    if fallback == mode:
+        raise ValueError(f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}) and "
+                         f"neither is VRAMKit's auto; available: {', '.join(available_modes())}")
+    reason = (f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}): its package is "
+              f"not installed or ComfyUI did not register it; using {fallback} instead")
+    log_once(log, ("attention mode missing", mode), "VRAMKit %s", reason)
+    return fallback, reason
+
+
 def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | None) -> ComfyOverride:
-    """The override for `mode`, chained to `previous` by `vramkit.comfy.attention_override`'s contract: a foreign
-    override keeps running (with our mode as the backend it calls), an earlier VRAMKit one is replaced."""
+    """The override for `mode` (already resolved by `resolve_mode`), chained to `previous` by
+    `vramkit.comfy.attention_override`'s contract: a foreign override keeps running (with our mode as the
+    backend it calls), an earlier VRAMKit one is replaced."""
     if mode in VRAMKIT_MODES:
         return _vramkit_override_factory()(mode=mode, budget_bytes=budget_bytes, previous=previous)
     if mode not in COMFY_BACKENDS:
-        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(available_modes())}")
+        raise ValueError(f"attention mode {mode!r} is not one of {', '.join(NODE_MODES)}")
     backend = compat.attention_function(COMFY_BACKENDS[mode])
     if backend is None:
         raise ValueError(f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}): "
@@ -80,52 +122,79 @@ def build_override(mode: str, budget_bytes: int, previous: Callable[..., Any] | 
     return make_backend_override(backend, previous, name=mode)
 
 
+def _sampling_step(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """The ``PREDICT_NOISE`` wrapper: one model evaluation of the sampler is one step, in which free memory
+    is read once (`vramkit.attention.planner.sampling_step`)."""
+    from ..attention import planner
+
+    with planner.sampling_step():
+        return executor(*args, **kwargs)
+
+
 def apply_attention(model: Any, mode: str, memory_budget_mb: float = 0) -> tuple[Any, str]:
-    """A clone of `model` whose diffusion model uses attention `mode`; and a one-line summary."""
+    """A clone of `model` whose diffusion model uses attention `mode`; and a summary for users."""
     budget = budget_bytes(memory_budget_mb, "MB", "memory_budget_mb")
     out = patch.clone(model)
-    override = build_override(mode, budget, patch.attention_override(out))
+    run_mode, fallback = resolve_mode(mode)
+    override = build_override(run_mode, budget, patch.attention_override(out))
     patch.set_attention_override(out, override)
+    step_type = compat.wrappers_mp().PREDICT_NOISE
+    if run_mode in VRAMKIT_MODES:
+        patch.set_wrapper(out, step_type, STEP_WRAPPER, _sampling_step)
+    else:
+        patch.remove_wrapper(out, step_type, STEP_WRAPPER)  # a VRAMKit mode applied before
+    text = describe_mode(out, run_mode, budget)
+    if fallback is not None:
+        text = f"{fallback[0].upper()}{fallback[1:]}. {text}"
     previous = override.vramkit_previous  # a foreign override that still runs (never an earlier VRAMKit one)
-    lines = [describe(mode, budget, compat.load_device(model))]
-    if budget and mode not in VRAMKIT_MODES:
-        lines.append("(memory_budget_mb applies to auto, chunked and sliced only; ComfyUI sizes its own chunks.)")
     if previous is not None:
-        lines.append(f"Another attention override was already set ({describe_callable(previous)}); it still runs "
-                     f"and now calls {mode} as its backend.")
-    log.info("VRAMKit attention: %s", " ".join(lines))
-    return out, "\n".join(lines)
+        text += (f". Another attention override was already set ({describe_callable(previous)}); it "
+                 f"still runs and now calls {run_mode} as its backend")
+    log.info("VRAMKit %s", text)
+    return out, text + "."
 
 
-#: What runs for each mode, for the node's summary.
-_BACKENDS = {
-    "sdpa": "PyTorch's fused attention (scaled_dot_product_attention; ComfyUI's --use-pytorch-cross-attention)",
-    "sub_quad": "ComfyUI's sub-quadratic attention (--use-quad-cross-attention)",
-    "split": "ComfyUI's split attention (--use-split-cross-attention)",
-    "sage": "SageAttention",
-    "flash": "FlashAttention",
-    "xformers": "xformers",
-    "sliced": "attention slicing: a few heads at a time, each with its whole score matrix",
-}
+def launch_backend() -> str:
+    """The attention backend ComfyUI was started with (sage, flash, xformers, pytorch, split, sub_quad, ...)."""
+    func = compat.attention_function("optimized")
+    return backend_label(func) if func is not None else "default"
 
 
-def describe(mode: str, budget: int, device: Any) -> str:
-    """For the user: which attention runs on `device` in `mode`, what it saves and what it costs."""
-    limit = "what is free when it runs" if budget == 0 else f"{budget / 2**20:.0f} MB"
-    kind = getattr(device, "type", str(device))
-    if mode == "chunked":
-        engine = "VRAMKit's Rust kernel" if kind == "cpu" else "torch operations"
-        return (f"Attention: chunked ({engine}), sized to {limit}: memory grows with the image size instead of "
-                "its square, which lets large images fit.\nCost: usually a little slower than PyTorch's fused "
-                "attention on a GPU.")
+def describe_mode(model: Any, mode: str, budget: int) -> str:
+    """What runs the attention of `model` in `mode` with a budget of `budget` bytes (0 = the free memory),
+    in words for the node's summary."""
+    limit = (f"the memory budget of {budget / 2**20:.0f} MB" if budget
+             else "the free memory (read once per sampling step)")
     if mode == "auto":
-        order = ("VRAMKit's chunked kernel, else PyTorch's fused attention, else slicing" if kind == "cpu" else
-                 "PyTorch's fused attention, else chunked, else slicing")
-        return (f"Attention: auto on {device}: each call runs the fastest that fits in {limit}: {order}.\n"
-                "If large images still run out of memory, set memory_budget_mb or choose chunked.")
-    text = f"Attention: {mode}: {_BACKENDS.get(mode, mode)} on {device}."
-    if mode in ("sage", "flash", "xformers"):
-        text += " Calls it cannot take (masks, CPU tensors, unusual head sizes) run auto's choice."
+        device = compat.load_device(model)
+        if device.type != "cpu":
+            launch = launch_backend()
+            return (f"Attention auto on {device.type}: ComfyUI's {launch} (the backend it was started with) runs; "
+                    f"VRAMKit's chunked or sliced attention takes over only calls {launch} is predicted not to "
+                    f"fit in {limit}")
+        return f"Attention auto on cpu: {_cpu_auto(model, limit)}"
+    if mode == "chunked":
+        return (f"Attention: VRAMKit chunked (memory-efficient; the Rust kernel on the CPU, chunks of torch ops "
+                f"on a GPU), held to {limit}")
     if mode == "sliced":
-        text += "\nCost: the slowest mode and still quadratic memory per head: a last resort; chunked saves more."
+        return f"Attention: VRAMKit sliced (a few heads at a time, the last resort), held to {limit}"
+    text = f"Attention: ComfyUI's {mode} backend for this model"
+    if budget:
+        text += " (the memory budget applies to auto/chunked/sliced only; ComfyUI sizes its own chunks)"
     return text
+
+
+def _cpu_auto(model: Any, limit: str) -> str:
+    from ..attention import engines
+
+    try:
+        dtype = precision.current_compute_dtype(model)
+    except (AttributeError, TypeError):
+        dtype = torch.float32
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.float32
+    why = engines.why(dtype)
+    if engines.rust_first(dtype):
+        return f"VRAMKit chunked (the Rust kernel), because {why}; SDPA or sliced when it does not fit in {limit}"
+    return (f"PyTorch SDPA, because {why}; VRAMKit chunked or sliced only for calls SDPA does not fit in "
+            f"{limit}")

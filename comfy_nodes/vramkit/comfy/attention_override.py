@@ -16,6 +16,13 @@ Both return a `ComfyOverride`.
 - What we do not support goes to `func` unchanged, with one log line per reason: grouped-query attention
   (k/v with fewer heads than q), dtypes other than float32/float16/bfloat16, inputs that are not plain
   tensors, and masks of other shapes.
+- ``"auto"`` on a device other than the CPU (CUDA, where users run) keeps ComfyUI's backend, the `func` it
+  hands the override (sage, flash, xformers, pytorch, ...: what ComfyUI was started with), for every call
+  it is predicted to fit the memory budget (`vramkit.attention.planner.backend_fits`; the free memory when
+  the budget is 0, read once per sampling step inside ``planner.sampling_step()``); only a call that does
+  not fit runs VRAMKit's chunked or sliced attention, which honour the budget. Decisions are cached per call
+  shape and budget (models make hundreds of calls per image), and each is logged once. On the CPU "auto" is
+  `vramkit.attention`'s: the Rust kernel where its engine beats SDPA, else SDPA (`attention.engines`).
 - Chaining (the whole contract; callers need no chaining logic of their own): pass the model's current
   override, whatever it is, as `previous`.
   - A foreign override (another pack's) is never replaced: each call goes through it, handing it ours as
@@ -41,8 +48,9 @@ from typing import Any
 import torch
 
 from .._log import log_once
+from ..attention import planner
 from ..attention.api import MODES, attention
-from ..attention.problem import DTYPES
+from ..attention.problem import DTYPES, prepare
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +96,21 @@ def make_comfy_override(mode: str = "chunked", budget_bytes: int = 0, previous: 
     """A ComfyUI ``optimized_attention_override`` running `vramkit.attention.attention` in `mode`.
 
     `budget_bytes` bounds the extra memory the planner gives "auto", "chunked" and "sliced"; 0 means the
-    memory free on the device at each call, as in `vramkit.attention.attention` (the ComfyUI node's
-    "0 = auto"). `previous` is the model's current override, if any (foreign ones keep being called, an
+    memory free on the device, as in `vramkit.attention.attention` (the ComfyUI node's "0 = auto"): read
+    once per sampling step inside `vramkit.attention.planner.sampling_step()` (the node's wrapper enters one
+    per step), at each call outside one. "auto" off the CPU keeps ComfyUI's `func` for the calls it fits
+    (see the module docs). `previous` is the model's current override, if any (foreign ones keep being called, an
     earlier VRAMKit one is replaced: see the module docs). Calls this attention does not support go to
     ComfyUI's `func`.
     """
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; accepted: {', '.join(MODES)}")
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
-        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory at each call); got "
+        raise ValueError(f"budget_bytes must be a non-negative int (0 = the free memory); got "
                          f"{budget_bytes!r}")
     _check_previous(previous)
-    return ComfyOverride(mode, budget_bytes, previous, lambda func: _backend(func, mode, budget_bytes))
+    auto = _AutoChoice(budget_bytes) if mode == "auto" else None
+    return ComfyOverride(mode, budget_bytes, previous, lambda func: _backend(func, mode, budget_bytes, auto))
 
 
 def make_backend_override(backend: Backend, previous: Override | None = None, name: str | None = None
@@ -143,8 +154,9 @@ def describe_callable(fn: object, *, with_module: bool = True) -> str:
     return f"{module}.{name}"
 
 
-def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:
-    """Our attention with ComfyUI's backend signature, handing what it does not support to `func`."""
+def _backend(func: Backend, mode: str, budget_bytes: int | None, auto: _AutoChoice | None = None) -> Backend:
+    """Our attention with ComfyUI's backend signature, handing what it does not support to `func` (and, for
+    "auto" off the CPU, every call `func` fits the budget for: `_AutoChoice`)."""
 
     def backend(q: Any, k: Any, v: Any, heads: int, mask: Any = None, attn_precision: Any = None,
                 skip_reshape: bool = False, skip_output_reshape: bool = False, **kwargs: Any) -> torch.Tensor:
@@ -154,11 +166,80 @@ def _backend(func: Backend, mode: str, budget_bytes: int | None) -> Backend:
                      getattr(func, "__name__", type(func).__name__), reason, level=logging.INFO)
             return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                         skip_output_reshape=skip_output_reshape, **kwargs)
+        run_mode, budget = mode, budget_bytes
+        if auto is not None and q.device.type != "cpu":
+            choice = auto.choose(func, q, k, v, heads, mask, attn_precision, skip_reshape)
+            if choice is None:
+                return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                            skip_output_reshape=skip_output_reshape, **kwargs)
+            run_mode, budget = choice
         return run(q, k, v, heads, mask, attn_precision, skip_reshape, skip_output_reshape,
-                   kwargs.get("scale"), mode, budget_bytes)
+                   kwargs.get("scale"), run_mode, budget)
 
     backend.__name__ = f"vramkit_{mode}"
     return backend
+
+
+#: How ComfyUI's backends use memory (`planner.BACKEND_KINDS`), by function name; others count as "fused"
+#: (SDPA, sage, sage3, flash, xformers: O(N) state).
+_BACKEND_KINDS = {"attention_basic": "full", "attention_sub_quad": "self-sizing", "attention_split": "self-sizing"}
+
+
+def backend_label(func: object) -> str:
+    """A ComfyUI backend as users know it: ``attention_sage`` -> ``sage``, ``attention3_sage`` -> ``sage3``,
+    ``attention_pytorch`` -> ``pytorch``; other callables by their name."""
+    name = str(getattr(func, "__name__", None) or type(func).__name__)
+    if name == "attention3_sage":
+        return "sage3"
+    return name.removeprefix("attention_")
+
+
+class _AutoChoice:
+    """"auto" off the CPU: per call, None to keep ComfyUI's backend, or (VRAMKit mode, budget in bytes)
+    when the backend is predicted not to fit the budget. Cached per (backend, call shape, budget)."""
+
+    _MAX = 1024
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._cache: dict[tuple[Any, ...], tuple[str, int] | None] = {}
+
+    def choose(self, func: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Any,
+               attn_precision: Any, skip_reshape: bool) -> tuple[str, int] | None:
+        budget = planner.budget_for(q.device, self.budget_bytes)  # 0 = the free memory (once per step)
+        key = (func, q.device, q.dtype, q.shape, k.shape, v.shape, heads, skip_reshape,
+               None if mask is None else (mask.shape, mask.dtype), attn_precision, budget)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        choice = self._decide(func, q, k, v, heads, mask, attn_precision, skip_reshape, budget)
+        if len(self._cache) >= self._MAX:
+            self._cache.clear()
+        self._cache[key] = choice
+        return choice
+
+    def _decide(self, func: Backend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Any,
+                attn_precision: Any, skip_reshape: bool, budget: int) -> tuple[str, int] | None:
+        p = prepare(q, k, v, None if skip_reshape else heads, None if mask is None else _comfy_mask(mask), None,
+                    attn_precision)
+        kind = _BACKEND_KINDS.get(getattr(func, "__name__", ""), "fused")
+        fits, predicted = planner.backend_fits(p, kind, budget, explicit=bool(self.budget_bytes))
+        label = backend_label(func)
+        if fits:
+            log_once(log, ("auto keeps", label), "vramkit attention auto: ComfyUI's %s runs this model's attention "
+                     "(the backend ComfyUI chose; VRAMKit's chunked/sliced only for calls it is predicted not to "
+                     "fit in the memory budget)", label, level=logging.INFO)
+            return None
+        assert predicted is not None  # backend_fits predicts whenever a kernel does not fit
+        mode = planner.choose_mode(p, budget, candidates=None if kind == "full" else ("chunked", "sliced"))
+        shape = (p.batch, p.heads, p.q_len, p.kv_len, p.head_dim)
+        log_once(log, ("auto forced", label, shape, str(q.dtype), self.budget_bytes or None),
+                 "vramkit attention auto: VRAMKit %s for calls of (batch, heads, q_len, kv_len, head_dim) %s "
+                 "because ComfyUI's %s is predicted to need %.1f MiB, over the memory budget of %.1f MiB%s",
+                 mode, shape, label, predicted / 2**20, budget / 2**20,
+                 "" if self.budget_bytes else " (the free memory)", level=logging.INFO)
+        return mode, budget
 
 
 def _unsupported(q: Any, k: Any, v: Any, heads: int, mask: Any, skip_reshape: bool) -> str | None:

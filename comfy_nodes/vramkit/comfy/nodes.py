@@ -106,33 +106,38 @@ class VRAMKitQuantize:
 
 
 class VRAMKitAttention:
-    DESCRIPTION = ("Picks how this model computes attention, without a launch flag: sdpa (PyTorch's fused "
-                   "kernel), memory-efficient chunked or sliced attention (less VRAM at large sizes, slower), "
-                   "ComfyUI's sub-quadratic (--use-quad-cross-attention) or split (--use-split-cross-attention), "
-                   "and sage / flash / xformers when installed. Only this model is affected; bypass the node to "
-                   "undo it.")
+    DESCRIPTION = ("Picks how this model computes attention, without a launch flag. auto (the default) keeps the "
+                   "backend ComfyUI was started with on a GPU (sage, flash, xformers or PyTorch) and switches to "
+                   "memory-efficient chunked or sliced attention only where that backend would not fit the memory "
+                   "budget; on a CPU it runs VRAMKit's Rust kernel where it beats PyTorch (AVX-512). Or force "
+                   "sdpa (PyTorch's fused kernel), chunked or sliced (less VRAM at large sizes, slower), ComfyUI's "
+                   "sub-quadratic (--use-quad-cross-attention) or split (--use-split-cross-attention), or sage / "
+                   "flash / xformers (auto is used where they are not installed). Only this model is affected; "
+                   "bypass the node to undo it.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("MODEL",)
-    RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("The model with this attention (a clone; the input model is unchanged).",)
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+    OUTPUT_TOOLTIPS = ("The model with this attention mode (a clone; the input model is unchanged).",
+                       "Which attention runs and why.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {"required": {
             "model": ("MODEL", {"tooltip": "A diffusion model (UNet or DiT); VAEs and text encoders are not "
                                            "affected."}),
-            "mode": (attention_modes.available_modes(), {
+            "mode": (attention_modes.node_modes(), {
                 "default": attention_modes.default_mode(),
-                "tooltip": "auto picks for the memory budget; chunked/sliced save the most memory."}),
+                "tooltip": "auto keeps ComfyUI's backend unless it does not fit the memory budget; chunked/sliced "
+                           "save the most memory; sage/flash/xformers fall back to auto where not installed."}),
             "memory_budget_mb": ("INT", {"default": 0, "min": 0, "max": 1 << 20, "step": 64,
                                          "tooltip": "Memory attention may use, for auto/chunked/sliced; "
-                                                    "0 = auto (from free memory)."}),
+                                                    "0 = auto (the free memory, read once per sampling step)."}),
         }}
 
     def run(self, model: Any, mode: str, memory_budget_mb: int) -> dict[str, Any]:
         out, text = attention_modes.apply_attention(model, mode, memory_budget_mb)
-        return display.node_output(text, out)
+        return display.node_output(text, out, text)
 
 
 class VRAMKitOffload:

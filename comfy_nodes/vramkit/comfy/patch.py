@@ -162,6 +162,11 @@ def set_wrapper(model: Any, wrapper_type: str, name: str, wrapper: Callable[...,
     model.add_wrapper_with_key(wrapper_type, key(name), wrapper)
 
 
+def remove_wrapper(model: Any, wrapper_type: str, name: str) -> None:
+    """Removes the VRAMKit wrapper ``vramkit.<name>`` of `wrapper_type`, if any."""
+    model.remove_wrappers_with_key(wrapper_type, key(name))
+
+
 def set_callback(model: Any, call_type: str, name: str, callback: Callable[..., Any]) -> None:
     model.remove_callbacks_with_key(call_type, key(name))
     model.add_callback_with_key(call_type, key(name), callback)

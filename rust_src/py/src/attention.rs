@@ -9,10 +9,12 @@ use pyo3::types::PyDict;
 use vramkit_core::attention::{
     attention as run_attention, Blocks, Dims, Engine, Layout, Mask, MaskValues, Options, Stats,
 };
+use vramkit_core::quant::FloatType;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(attention, m)?)?;
     m.add_function(wrap_pyfunction!(attention_engines, m)?)?;
+    m.add_function(wrap_pyfunction!(attention_engine, m)?)?;
     Ok(())
 }
 
@@ -268,4 +270,18 @@ fn attention_engines() -> PyResult<Vec<&'static str>> {
     guard("attention_engines", || {
         Ok(Engine::supported().into_iter().map(|e| e.name()).collect())
     })
+}
+
+/// The engine the kernel runs for inputs of `dtype` ("float32", "float16" or "bfloat16") on this CPU, as
+/// `engine="auto"` picks it (capped by `VRAMKIT_SIMD`).
+#[pyfunction]
+fn attention_engine(dtype: &Bound<'_, PyAny>) -> PyResult<&'static str> {
+    let name: String = dtype.extract().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "dtype must be a str naming a float type (float32, float16 or bfloat16); got {}",
+            describe(dtype)
+        ))
+    })?;
+    let t = FloatType::parse(&name).map_err(to_py_err)?;
+    Ok(Engine::for_type(t).name())
 }

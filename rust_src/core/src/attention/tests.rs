@@ -493,3 +493,55 @@ fn gemm_speed() {
         }
     }
 }
+
+#[test]
+fn the_engine_for_a_type_is_the_one_the_kernel_runs() {
+    use crate::quant::FloatType;
+    assert_eq!(Engine::for_type(FloatType::F32), Engine::auto::<f32>());
+    assert_eq!(
+        Engine::for_type(FloatType::F16),
+        Engine::auto::<half::f16>()
+    );
+    assert_eq!(
+        Engine::for_type(FloatType::Bf16),
+        Engine::auto::<half::bf16>()
+    );
+    for t in [FloatType::F32, FloatType::F16] {
+        assert_ne!(Engine::for_type(t), Engine::Avx512Bf16, "{t:?}");
+    }
+    for t in [FloatType::F32, FloatType::F16, FloatType::Bf16] {
+        let e = Engine::for_type(t);
+        assert!(e.is_supported(), "{t:?}: {e:?}");
+        assert_eq!(FloatType::parse(t.name()).unwrap(), t);
+    }
+    let (q, k, v) = (
+        vec![0.5f32; 2 * 16],
+        vec![0.25f32; 3 * 16],
+        vec![1.0f32; 3 * 16],
+    );
+    let mut o = vec![0f32; 2 * 16];
+    let dims = Dims {
+        batch: 1,
+        heads: 1,
+        q_len: 2,
+        kv_len: 3,
+        head_dim: 16,
+        v_head_dim: 16,
+    };
+    let stats = attention(
+        &q,
+        &k,
+        &v,
+        &mut o,
+        &dims,
+        Layout::Bhnd,
+        None,
+        &Options::default(),
+    )
+    .unwrap();
+    assert_eq!(stats.engine, Engine::for_type(FloatType::F32));
+    assert!(FloatType::parse("float64")
+        .unwrap_err()
+        .to_string()
+        .contains("accepted: float32"));
+}

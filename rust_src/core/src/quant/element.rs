@@ -13,6 +13,32 @@ pub enum FloatType {
     Bf16,
 }
 
+impl FloatType {
+    pub const NAMES: [&'static str; 3] = ["float32", "float16", "bfloat16"];
+
+    /// The name users know it by (`torch` spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::Bf16 => "bfloat16",
+        }
+    }
+
+    /// The type named `name` (`torch` spelling: "float32", "float16", "bfloat16").
+    pub fn parse(name: &str) -> crate::error::CoreResult<Self> {
+        [Self::F32, Self::F16, Self::Bf16]
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or_else(|| {
+                crate::value_err!(
+                    "unknown float type {name:?}; accepted: {}",
+                    Self::NAMES.join(", ")
+                )
+            })
+    }
+}
+
 /// A floating-point element the quantizers read.
 pub trait Element: Copy + Send + Sync + 'static {
     /// The name users know it by (`torch` spelling), for error messages.

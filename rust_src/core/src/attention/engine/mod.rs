@@ -115,7 +115,13 @@ impl Engine {
 
     /// The fastest engine for inputs of type `T` on this CPU.
     pub fn auto<T: Element>() -> Self {
-        if T::TYPE == FloatType::Bf16 && Self::Avx512Bf16.is_supported() {
+        Self::for_type(T::TYPE)
+    }
+
+    /// The engine the kernel runs for inputs of type `t` on this CPU (what `auto` picks; `VRAMKIT_SIMD`
+    /// caps it: below `avx512` only the portable engine remains).
+    pub fn for_type(t: FloatType) -> Self {
+        if t == FloatType::Bf16 && Self::Avx512Bf16.is_supported() {
             Self::Avx512Bf16
         } else if Self::Avx512.is_supported() {
             Self::Avx512
