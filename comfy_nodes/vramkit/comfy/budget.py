@@ -7,8 +7,8 @@ streamed from RAM by ComfyUI itself, under either of ComfyUI's memory managers.
   ``vbar.prioritize()``, which resets the watermark to the whole model, then runs the ``ON_LOAD`` callbacks.
   The budget is an ``ON_LOAD`` callback on the clone that sets ``model.dynamic_vbars[device].set_watermark``
   to the budget (less the small weights ComfyUI loads as ordinary tensors, rounded down to whole pages), so it
-  is applied again after every load that re-prioritises the model. The largest layers sit at the lowest
-  addresses, so they are the ones that stay.
+  is applied again after every load that re-prioritises the model. Past the small modules, the largest layers
+  sit at the lowest addresses, so they are the ones that stay.
 - **Legacy loader** (``ModelPatcher``; ComfyUI 0.3.7x, ``--disable-dynamic-vram``, non-NVIDIA): ComfyUI sizes
   a model's resident part when it loads it (``partially_load(device, extra_memory)``). A ``PREPARE_SAMPLING``
   wrapper caps that number at the budget for the duration of the load (`clamp_resident`).
