@@ -125,20 +125,51 @@ def test_clamp_puts_back_another_packs_instance_attribute():
     assert vars(patcher)["partially_load"] is other_pack
 
 
-def test_wrapper_steps_aside_under_dynamic_vram():
-    calls = []
-    wrapper = streaming.BudgetedPrepareSampling(budget_bytes=123)
-    patcher = StubPatcher(dynamic=True)
-    result = wrapper(lambda *a, **k: calls.append((a, k)) or "prepared", patcher, (1, 4, 8, 8), {}, force=True)
-    assert result == "prepared" and calls == [((patcher, (1, 4, 8, 8), {}), {"force": True})]
-    assert wrapper.last.dynamic and "Dynamic VRAM" in wrapper.last.note and patcher.loads == []
+def test_clamp_resolves_a_lazy_budget_when_the_loader_asks():
+    """The auto budget is a function the clamp calls inside ComfyUI's load (after its evictions), not before."""
+    patcher = StubPatcher(loaded=0)
+    asked: list[int] = []
+
+    def budget() -> int:
+        asked.append(patcher.loaded)
+        return 300
+
+    with streaming.clamp_resident(patcher, budget):
+        assert asked == [], "nothing may be decided before the loader asks"
+        patcher.partially_load("cuda:0", 1e32)
+    assert asked == [0] and patcher.loaded == 300
 
 
-def test_wrapper_holds_the_budget_through_comfyuis_load():
-    wrapper = streaming.BudgetedPrepareSampling(budget_bytes=250)
-    patcher = StubPatcher()
-    wrapper(lambda model, *a, **k: model.partially_load(model.load_device, 1e32), patcher, (1,), {})
-    assert patcher.loaded == 250 and wrapper.last.resident_bytes == 250
+def test_clamp_with_no_budget_leaves_the_load_alone():
+    patcher = StubPatcher(loaded=0)
+    with streaming.clamp_resident(patcher, lambda: None):
+        patcher.partially_load("cuda:0", 1e32)
+    assert patcher.loads == [1e32] and patcher.loaded == patcher.size
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), (0, None), (1, 1), (5 * 2**30, 5 * 2**30)])
+def test_check_budget(value, expected):
+    assert streaming.check_budget(value) == expected
+
+
+@pytest.mark.parametrize(("value", "error", "message"), [
+    (-1, ValueError, "budget_bytes must be None or 0 \\(auto\\) or a positive"),
+    (2.5, TypeError, "budget_bytes must be a whole number of bytes"),
+    (False, TypeError, "whole number of bytes"), ("1", TypeError, "got str"),
+    (5000 * 2**30, ValueError, "more memory than any device has"),
+])
+def test_check_budget_refuses_nonsense(value, error, message):
+    with pytest.raises(error, match=message):
+        streaming.check_budget(value)
+
+
+@pytest.mark.parametrize(("budget", "forced", "pages"), [
+    (0, 0, 0), (32 * 2**20 - 1, 0, 0), (32 * 2**20, 0, 1), (100 * 2**20, 4 * 2**20, 3), (2**20, 2 * 2**20, 0),
+])
+def test_watermark_is_whole_pages_under_the_budget(budget, forced, pages):
+    from vramkit.comfy import offload_plan
+
+    assert offload_plan.watermark_for(budget, forced) == pages * 32 * 2**20
 
 
 @pytest.mark.parametrize(("gb", "expected"), [(0, None), (0.5, 2**29), (2, 2 * 2**30)])

@@ -283,7 +283,8 @@ def _result(ret: Any) -> tuple[Any, ...]:
 
 def nodes(manager: str) -> list[Row]:
     """The nodes end to end on a small Flux-shaped model loaded from a file: outputs against the plain run,
-    and ComfyUI's resident weight bytes against the Offload node's budget."""
+    and ComfyUI's resident weight bytes against the Offload node's budget (with the budget API's residency
+    view: the manager in charge, the budget in force, whether the cap was applied)."""
     import comfy.model_management as mm
     import comfy.sd
     import helpers
@@ -304,18 +305,9 @@ def nodes(manager: str) -> list[Row]:
         mm.unload_all_models()
 
         budget_gb = 0.25 if dev == "cuda" else 0.002
-        offload = _node("VRAMKitOffload")
-        inputs = {k: v for k, v in {"vram_budget_gb": budget_gb, "engine": "comfy"}.items()
-                  if k in offload.INPUT_TYPES()["required"]}
-        patched = _result(getattr(offload, offload.FUNCTION)(model, **inputs))[0]
-        out, box = _sample(patched, 64, 2, dev)
-        resident = patched.loaded_size()
-        page = 32 * MiB if manager == "dynamic" else 0
-        rows.append({"check": f"[{manager}] Offload, budget {budget_gb} GB",
-                     "result": f"resident {resident / MiB:.0f} MiB of {total / MiB:.0f}; output vs plain "
-                               f"{helpers.rel(out, ref):.1e}; " + _fmt_box(box),
-                     "ok": resident <= budget_gb * 1024**3 + page and helpers.rel(out, ref) < 1e-3})
-        mm.unload_all_models()
+        for gb in (budget_gb, 0.0):  # a fixed budget, then auto (decided inside the load)
+            rows.append(_offload_row(model, gb, ref, manager, dev))
+            mm.unload_all_models()
 
         for fmt, gran, compute, rotation in (("int8", "group", "dequantize", "none"),
                                              ("int8", "channel", "dequantize", "none"),
@@ -348,6 +340,41 @@ def _quantize_node(model: Any, fmt: str, gran: str, compute: str = "dequantize",
             "compute_dtype": "default", "compute": compute, "rotation": rotation}
     result = _result(getattr(qnode, qnode.FUNCTION)(model, **{k: v for k, v in args.items() if k in accepted}))
     return result[0], str(result[1])
+
+
+def _offload_row(model: Any, gb: float, ref: Any, manager: str, dev: str) -> Row:
+    """The Offload node at `gb` (0 = auto): the budget API's residency view next to ComfyUI's loaded_size(),
+    and the output against the plain run. Under Dynamic VRAM the cap is whole 32 MiB pages, so one page over
+    the budget is allowed (VRAMKit rounds down; the tolerance covers aimdo rounding up)."""
+    import helpers
+
+    from vramkit.comfy import budget
+
+    offload = _node("VRAMKitOffload")
+    patched = _result(getattr(offload, offload.FUNCTION)(model, vram_budget_gb=gb))[0]
+    out, box = _sample(patched, 64, 2, dev)
+    loaded = patched.loaded_size()
+    total = patched.model_size()
+    res = budget.residency(patched)
+    page = 32 * MiB if res.manager == "dynamic" else 0
+    err = helpers.rel(out, ref)
+    view = (f"residency(): {res.manager}, budget "
+            f"{'none' if res.budget_bytes is None else f'{res.budget_bytes / MiB:.0f} MiB'}"
+            f"{' (auto)' if res.requested_bytes is None else ''}, resident {res.resident_bytes / MiB:.0f} MiB, "
+            f"streamed {res.streamed_bytes / MiB:.0f} MiB")
+    if res.watermark_bytes is not None:
+        view += f", VBAR cap {res.watermark_bytes / MiB:.0f} MiB"
+    view += ", cap applied" if res.cap_applied else f", cap NOT applied ({res.reason})"
+    cuda = dev == "cuda"
+    held = res.budget_bytes is not None and loaded <= res.budget_bytes + page
+    ok: bool | None = (res.cap_applied and held and res.resident_bytes == loaded and res.manager == manager
+                       and err < 1e-3)
+    if not cuda and gb == 0:
+        ok = None if err < 1e-3 and not res.cap_applied else False  # auto on a CPU caps nothing, by design
+    label = "auto" if gb == 0 else f"budget {gb} GB"
+    return {"check": f"[{manager}] Offload, {label}",
+            "result": f"{view}; ComfyUI loaded_size() {loaded / MiB:.0f} of {total / MiB:.0f} MiB; output vs "
+                      f"plain {err:.1e}; " + _fmt_box(box), "ok": ok}
 
 
 def _attention_keeps_backend(model: Any, manager: str, dev: str) -> list[Row]:
@@ -431,13 +458,13 @@ def dit(manager: str) -> list[Row]:
             variants.append((f"Quantize int8 per-row, {where} ({compute}"
                              + (", ConvRot" if rotation != "none" else "") + ")", qm))
         off = _node("VRAMKitOffload")
-        oreq = off.INPUT_TYPES()["required"]
         for gb in (1.0, 2.0):
-            oargs = {k: v for k, v in {"vram_budget_gb": gb, "engine": "comfy"}.items() if k in oreq}
-            variants.append((f"Offload {gb:g} GB", _result(getattr(off, off.FUNCTION)(model, **oargs))[0]))
+            variants.append((f"Offload {gb:g} GB", _result(getattr(off, off.FUNCTION)(model, vram_budget_gb=gb))[0]))
         att = _node("VRAMKitAttention")
         for mode in ("auto", "chunked"):
             variants.append((f"Attention {mode}", _result(getattr(att, att.FUNCTION)(model, mode, 0))[0]))
+        from vramkit.comfy import budget
+
         for label, m in variants:
             _sample(m, 128, 1, dev)  # warm-up (load, kernels)
             times = []
@@ -446,9 +473,15 @@ def dit(manager: str) -> list[Row]:
                 _, box = _sample(m, 128, 1, dev)
                 times.append(box["seconds"])
                 peak = max(peak, box.get("peak", 0.0))
+            result = (f"step {statistics.median(times) * 1000:.0f} ms; peak {peak / 2**30:.2f} GiB; "
+                      f"resident {m.loaded_size() / 2**30:.2f} GiB")
+            if label.startswith("Offload"):
+                res = budget.residency(m)
+                result += (f"; residency(): {res.manager}, cap "
+                           f"{'applied' if res.cap_applied else 'NOT applied: ' + res.reason}, "
+                           f"streamed {res.streamed_bytes / 2**30:.2f} GiB")
             rows.append({"check": f"[{manager}] DiT {total / 2**30:.1f} GiB, 1024x1024: {label}",
-                         "result": f"step {statistics.median(times) * 1000:.0f} ms; peak {peak / 2**30:.2f} GiB; "
-                                   f"resident {m.loaded_size() / 2**30:.2f} GiB", "ok": None})
+                         "result": result, "ok": None})
             mm.unload_all_models()
             torch.cuda.empty_cache()
     return rows

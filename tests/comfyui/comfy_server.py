@@ -57,26 +57,13 @@ def prepare_base(base: Path) -> None:
 
 def import_problem(comfyui_path: str) -> str | None:
     """Why the ComfyUI at `comfyui_path` cannot be used in this process (None when it can): imports it with
-    ``--cpu`` semantics unless CUDA is present (``args.cpu`` is set before ``comfy.model_management``)."""
+    ``--cpu`` semantics unless CUDA is present (``args.cpu`` is set before ``comfy.model_management``), under
+    the memory manager ``VRAMKIT_TEST_MEMORY_MANAGER`` names (comfy_setup.py; the GPU check sets it)."""
     if not comfyui_path:
         return "COMFYUI_PATH is not set (point it at a ComfyUI folder to run these tests)"
-    root = Path(comfyui_path)
-    if not (root / "main.py").is_file() or not (root / "comfy").is_dir():
-        return f"COMFYUI_PATH={comfyui_path} is not a ComfyUI folder (no main.py and comfy/)"
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        import torch
-        from comfy.cli_args import args
+    import comfy_setup
 
-        if not torch.cuda.is_available():
-            args.cpu = True  # before comfy.model_management is imported
-        import comfy.model_management
-        import comfy.sample
-        import comfy.sd  # noqa: F401
-    except Exception as exc:  # any import failure means: skip, with the reason
-        return f"cannot import ComfyUI from {comfyui_path}: {type(exc).__name__}: {exc}"
-    return None
+    return comfy_setup.import_comfyui(Path(comfyui_path))
 
 
 class ComfyServer:

@@ -11,7 +11,7 @@ from vramkit.comfy import nodes
 CALLS = {
     "VRAMKitQuantize": ("int8", "group", 64, "*norm*, *emb*, <first>, <last>", "default"),
     "VRAMKitAttention": ("sub_quad", 0),
-    "VRAMKitOffload": (0.001, "comfy"),
+    "VRAMKitOffload": (0.001,),
     "VRAMKitPrecision": ("fp16", "default"),
     "VRAMKitMeasure": ("",),
     "VRAMKitAutoOptimize": (64, 64, 1, 1, 0.0, "auto", True),

@@ -1,5 +1,6 @@
 """VRAMKitOffload inside ComfyUI: ComfyUI's per-layer streaming held to a budget (run on the CPU device,
-where the same loader code decides what stays resident)."""
+where the same legacy loader code decides what stays resident; Dynamic VRAM is covered with a stand-in VBAR
+in test_vram_budget.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from helpers import sample
 
 from vramkit.comfy import budget as streaming
 from vramkit.comfy import compat
+from vramkit.comfy.display import format_bytes
 from vramkit.comfy.nodes import VRAMKitOffload
 
 MB = 2**20
 
 
-def offload(model, gb, engine="comfy"):
-    result = VRAMKitOffload().run(model, gb, engine)
+def offload(model, gb):
+    result = VRAMKitOffload().run(model, gb)
     out, summary = result["result"]
+    assert result["ui"]["text"] == [summary]
     return out, summary
 
 
@@ -32,7 +35,10 @@ def test_budget_caps_resident_weights_and_output_is_identical(tiny, kind, budget
     assert torch.equal(out, before), "streaming must not change the numbers"
     assert torch.equal(sample(tiny, kind), before)
     assert tiny.loaded_size() == tiny.model_size(), "the input model should load fully again"
-    assert f"budget {budget_mb * MB / 2**30:.2f} GB" in summary and "streamed each step" in summary
+    assert f"budget {format_bytes(budget_mb * MB)}:" in summary and "streamed each step" in summary
+    assert "Sequential offload under ComfyUI's legacy loader" in summary
+    res = streaming.residency(streamed)
+    assert res.cap_applied and res.budget_bytes == int(budget_mb * MB)
 
 
 @pytest.mark.parametrize("budget_mb", [0.3, 1.0, 2.5])
@@ -82,16 +88,26 @@ def test_auto_on_cpu_changes_nothing(tiny, kind):
     before = sample(tiny, kind)
     assert torch.equal(sample(auto, kind), before)
     assert auto.loaded_size() == auto.model_size()
-    wrapper = auto.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, "vramkit.offload")[0]
-    assert wrapper.last.budget_bytes is None and "CPU" in wrapper.last.note
-    assert "auto budget" in summary
+    res = streaming.residency(auto)
+    assert res.budget_bytes is None and not res.cap_applied and "CPU" in res.reason
+    assert "auto budget" in summary and "after ComfyUI has freed what it will" in summary
 
 
-def test_rerunning_the_node_replaces_its_wrapper(tiny):
+def test_rerunning_the_node_replaces_its_wrapper_and_callback(tiny):
     once, _ = offload(tiny, 0.001)
     twice, _ = offload(once, 0.002)
     wrappers = twice.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, "vramkit.offload")
-    assert len(wrappers) == 1 and wrappers[0].budget_bytes == int(0.002 * 2**30)
+    callbacks = twice.get_callbacks(compat.callbacks_mp().ON_LOAD, "vramkit.offload")
+    assert len(wrappers) == 1 and len(callbacks) == 1
+    assert streaming.budget_hook(twice).requested == int(0.002 * 2**30)
+    assert not tiny.get_wrappers(compat.wrappers_mp().PREPARE_SAMPLING, "vramkit.offload")
+
+
+def test_node_has_no_engine_input_and_runs_with_the_budget_alone(tiny):
+    spec = VRAMKitOffload.INPUT_TYPES()["required"]
+    assert list(spec) == ["model", "vram_budget_gb"]
+    out, summary = offload(tiny, 0.001)
+    assert out is not tiny and "Sequential offload under" in summary
 
 
 @pytest.mark.parametrize(("gb", "error", "message"), [
@@ -101,8 +117,3 @@ def test_rerunning_the_node_replaces_its_wrapper(tiny):
 def test_bad_budget_is_refused(tiny, gb, error, message):
     with pytest.raises(error, match=message):
         streaming.apply_offload(tiny, gb)
-
-
-def test_unknown_engine_is_refused(tiny):
-    with pytest.raises(ValueError, match="engine 'blocks' is not one of"):
-        streaming.apply_offload(tiny, 1.0, "blocks")

@@ -3,6 +3,7 @@ register, every example workflow validates against /object_info, and every API t
 
 from __future__ import annotations
 
+import copy
 import os
 import urllib.request
 from pathlib import Path
@@ -127,6 +128,23 @@ def test_attention_modes_are_the_same_everywhere_and_a_missing_one_falls_back(se
     assert "Attention auto on cpu" in text
 
 
+def test_offload_workflows_saved_with_the_former_engine_input_still_work(server, object_info):
+    """The node lost its one-value ``engine`` input. A saved UI workflow still holds ``[6.0, "comfy"]``: the
+    frontend assigns widget values by position, so the trailing "comfy" finds no widget (ui_to_api does the
+    same mapping); an API prompt still sends ``"engine"``: ComfyUI drops an input the node does not declare."""
+    ui, api = workflow_tools.load("offload")
+    old_ui = copy.deepcopy(ui)
+    node = next(n for n in old_ui["nodes"] if n["type"] == "VRAMKitOffload")
+    node["widgets_values"] = [*node["widgets_values"], "comfy"]
+    assert workflow_tools.ui_to_api(old_ui, object_info) == workflow_tools.strip_meta(api)
+    old_api = workflow_tools.tinyfy(api)
+    key = next(k for k, n in old_api.items() if n["class_type"] == "VRAMKitOffload")
+    old_api[key]["inputs"].update(engine="comfy", vram_budget_gb=5.0)
+    entry = server.run_prompt(old_api)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log_tail()}"
+    assert "budget 5.00 GB" in entry["outputs"][key]["text"][0]
+
+
 def test_bad_input_fails_with_a_clear_message(server):
     _, api = workflow_tools.load("quantize")
     prompt = workflow_tools.tinyfy(api)
@@ -143,7 +161,7 @@ def test_bad_input_fails_with_a_clear_message(server):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Dynamic VRAM needs an NVIDIA GPU")
 def test_every_workflow_runs_under_dynamic_vram(tmp_path_factory, comfy_version):
     """ComfyUI 0.29+ pages weights itself on NVIDIA (Dynamic VRAM); every node must work with it, and the
-    offload node must step aside."""
+    offload node must cap the model's VBAR and say so."""
     if tuple(int(p) for p in comfy_version.split(".")[:2]) < (0, 29):
         pytest.skip(f"ComfyUI {comfy_version} has no Dynamic VRAM")
     base = tmp_path_factory.mktemp("comfyui-dynamic")
@@ -158,6 +176,7 @@ def test_every_workflow_runs_under_dynamic_vram(tmp_path_factory, comfy_version)
             assert entry["status"]["status_str"] == "success", f"{name}: {entry['status']}"
             if name == "offload":
                 key = next(k for k, n in api.items() if n["class_type"] == "VRAMKitOffload")
-                assert "Dynamic VRAM is active" in entry["outputs"][key]["text"][0]
+                text = entry["outputs"][key]["text"][0]
+                assert "under Dynamic VRAM" in text and "budget 6.00 GB" in text and "NOT" not in text, text
     finally:
         running.stop()

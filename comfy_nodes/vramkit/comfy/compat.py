@@ -270,3 +270,149 @@ def native_layer_format(module: object) -> str | None:
 def native_params(t: Any) -> Any:
     """The layout parameters of a comfy-kitchen QuantizedTensor (a Params dataclass); None for 0.3.7x's."""
     return getattr(t, "_params", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory managers and the per-model VRAM budget (comfy/budget.py)
+
+#: comfy-aimdo's VBAR page (``VBAR_PAGE_SIZE`` in its C source, 32 MiB): the unit in which a Dynamic VRAM
+#: model is resident, and in which its watermark is counted (``vbar_set_watermark`` rounds a byte count up to
+#: whole pages, so a cap given in whole pages is exact).
+AIMDO_PAGE_BYTES = 32 << 20
+#: Python ``ModelVBAR.alloc`` aligns every slice to this many bytes.
+AIMDO_ALLOC_ALIGN = 512
+#: ``ModelPatcherDynamic.load`` gives a module a VBAR slice only above this size (smaller ones are loaded as
+#: ordinary tensors), and sorts modules below ``_DYNAMIC_SMALL`` first.
+DYNAMIC_FORCE_LOAD_BYTES = 16 * 1024
+DYNAMIC_SMALL_BYTES = 64 * 1024
+
+MemoryManager = Literal["dynamic", "legacy"]
+
+
+def memory_manager(patcher: Any) -> MemoryManager:
+    """Which ComfyUI memory manager loads `patcher`: "dynamic" (``ModelPatcherDynamic``, comfy-aimdo pages
+    the weights on demand; 0.29+ on NVIDIA) or "legacy" (``ModelPatcher``: resident part sized at load)."""
+    return "dynamic" if is_dynamic(patcher) else "legacy"
+
+
+def memory_estimate(patcher: Any, noise_shape: Any, conds: Any) -> int:
+    """ComfyUI's activation estimate for one sampling run (``sampler_helpers.estimate_memory``: the CFG
+    batch, twice the latent batch)."""
+    required, _minimum = sampler_helpers().estimate_memory(patcher, noise_shape, conds)
+    return int(required)
+
+
+def _model_vbar_class() -> type | None:
+    try:
+        return importlib.import_module("comfy_aimdo.model_vbar").ModelVBAR  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        return None
+
+
+def vbar_watermark_problem(patcher: Any) -> str | None:
+    """Why a Dynamic VRAM patcher's VBAR cannot be capped (comfy-aimdo's API is missing or not what VRAMKit
+    was written against: ``model.dynamic_vbars[device].set_watermark(bytes)`` applied from an ``ON_LOAD``
+    callback), or None when it can. Only the shape of the API is checked here; `set_vbar_watermark` reads the
+    watermark back after setting it."""
+    if not is_dynamic(patcher):
+        return "this model is not loaded by Dynamic VRAM"
+    vbars = getattr(getattr(patcher, "model", None), "dynamic_vbars", None)
+    if not isinstance(vbars, dict):
+        return "ComfyUI's model has no dynamic_vbars table (ComfyUI's Dynamic VRAM internals changed)"
+    if not hasattr(callbacks_mp(), "ON_LOAD") or not callable(getattr(patcher, "add_callback_with_key", None)):
+        return "this ComfyUI has no ON_LOAD model callbacks"
+    cls = _model_vbar_class()
+    if cls is None:
+        return "comfy_aimdo.model_vbar.ModelVBAR is missing (comfy-aimdo not installed or changed)"
+    setter = getattr(cls, "set_watermark", None)
+    if not callable(setter):
+        return (f"this comfy-aimdo ({_aimdo_version()}) has no ModelVBAR.set_watermark: the per-model cap "
+                "needs comfy-aimdo 0.4.x")
+    try:
+        params = [p for p in inspect.signature(setter).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError):
+        return None
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(required) != 1:
+        return (f"comfy-aimdo {_aimdo_version()} changed ModelVBAR.set_watermark (it takes "
+                f"{', '.join(p.name for p in params) or 'no argument'}; VRAMKit passes one byte count)")
+    return None
+
+
+def _aimdo_version() -> str:
+    try:
+        return str(importlib.import_module("comfy_aimdo._version").__version__)
+    except (ImportError, AttributeError):
+        return "version unknown"
+
+
+def model_vbar(patcher: Any) -> Any | None:
+    """The VBAR of `patcher`'s model on its load device (created by its first Dynamic VRAM load), or None."""
+    vbars = getattr(getattr(patcher, "model", None), "dynamic_vbars", None)
+    if not isinstance(vbars, dict):
+        return None
+    return vbars.get(patcher.load_device)
+
+
+def set_vbar_watermark(patcher: Any, nbytes: int) -> tuple[int | None, str | None]:
+    """Caps the resident pages of `patcher`'s VBAR at `nbytes` (a multiple of `AIMDO_PAGE_BYTES` is exact;
+    comfy-aimdo rounds up to whole pages and frees the pages above at once). Returns the cap now in force in
+    bytes (read back from the VBAR when it can say) and None, or None and why it could not be set."""
+    vbar = model_vbar(patcher)
+    if vbar is None:
+        return None, f"the model has no VBAR on {patcher.load_device} (not loaded by Dynamic VRAM)"
+    try:
+        vbar.set_watermark(int(nbytes))
+    except Exception as exc:  # a changed aimdo API shows up here: report it, never fail the load
+        return None, f"ModelVBAR.set_watermark failed: {type(exc).__name__}: {exc}"
+    pages = -(-int(nbytes) // AIMDO_PAGE_BYTES)
+    getter, count = getattr(vbar, "get_watermark", None), getattr(vbar, "get_nr_pages", None)
+    if not callable(getter):
+        return pages * AIMDO_PAGE_BYTES, None
+    try:
+        now = int(getter())
+        total = int(count()) if callable(count) else None
+    except Exception as exc:
+        return pages * AIMDO_PAGE_BYTES, f"set, but could not read the watermark back ({type(exc).__name__})"
+    expected = pages if total is None else min(pages, total)
+    if now != expected:
+        return None, (f"comfy-aimdo did not take the cap: its watermark reads {now} pages after asking for "
+                      f"{expected} (aimdo's VBAR semantics changed)")
+    return now * AIMDO_PAGE_BYTES, None
+
+
+def forced_resident_bytes(patcher: Any) -> int:
+    """Bytes of `patcher`'s model loaded as ordinary tensors: everything under the legacy loader; under
+    Dynamic VRAM the small weights and buffers ComfyUI keeps resident outside the VBAR."""
+    return int(getattr(patcher.model, "model_loaded_weight_memory", 0))
+
+
+def legacy_clone(patcher: Any) -> tuple[Any | None, str]:
+    """A clone of a Dynamic VRAM patcher on the legacy loader (``clone(disable_dynamic=True)``, what core's
+    ``SelectModelDevice`` does: ComfyUI re-creates the model from its loader, ``cached_patcher_init``), or
+    None and why not."""
+    try:
+        names = set(inspect.signature(patcher.clone).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    if "disable_dynamic" not in names:
+        return None, "this ComfyUI's ModelPatcher.clone has no disable_dynamic"
+    if getattr(patcher, "cached_patcher_init", None) is None:
+        return None, ("the loader that made this model cannot re-create it (no cached_patcher_init; core's "
+                      "UNETLoader and CheckpointLoaderSimple can)")
+    try:
+        return patcher.clone(disable_dynamic=True), ""
+    except Exception as exc:
+        return None, f"clone(disable_dynamic=True) failed: {type(exc).__name__}: {exc}"
+
+
+def vbar_slot_bytes(t: Any, dtype: torch.dtype | None) -> int:
+    """The VBAR bytes ``ModelPatcherDynamic.load`` reserves for one weight or bias `t` (``vram_aligned_size``
+    of the tensor in the model dtype `dtype`; a QuantizedTensor's inner tensors as they are)."""
+    if t is None:
+        return 0
+    mem = importlib.import_module("comfy.memory_management")
+    if is_comfy_quantized(t):
+        return int(mem.vram_aligned_size(t))
+    geometry = mem.TensorGeometry(shape=t.shape, dtype=dtype or t.dtype)
+    return int(mem.vram_aligned_size(geometry))

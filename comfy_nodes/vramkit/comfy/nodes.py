@@ -142,19 +142,25 @@ class VRAMKitAttention:
 
 class VRAMKitOffload:
     DESCRIPTION = ("Sequential (layer by layer) offload: keeps at most the given amount of this model's weights "
-                   "in VRAM and streams the other layers from RAM as they run, using ComfyUI's own streaming. "
-                   "Less VRAM, slower steps. 0 = auto (leave room for the activations of this image size). "
-                   "With Dynamic VRAM (ComfyUI's default on NVIDIA) ComfyUI already does this on demand and the "
-                   "budget is not applied.")
+                   "in VRAM (the largest layers) and lets ComfyUI stream the other layers from RAM as they run. "
+                   "Less VRAM, slower steps. Works under both of ComfyUI's memory managers: with Dynamic VRAM "
+                   "(the default on NVIDIA) it caps the model's share of VRAM after each load, with the legacy "
+                   "loader it caps what the loader keeps resident. 0 = auto: decided when sampling starts, after "
+                   "ComfyUI has freed what it will, leaving room for the activations of this image size. The "
+                   "summary says which memory manager is in charge, what stays and what streams, and plainly "
+                   "when the budget cannot be applied.")
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "summary")
     OUTPUT_TOOLTIPS = ("The model held to the budget (a clone; the input model is unchanged).",
-                       "What stays in VRAM, what streams, and what it costs.")
+                       "The memory manager in charge, what stays in VRAM, what streams, and what it costs.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
+        # The former one-value ``engine`` input is gone: ComfyUI drops an input the node does not declare from
+        # an API prompt, and the frontend assigns a saved workflow's widget values by position (a trailing
+        # "comfy" finds no widget and is ignored), so workflows saved with it still load and run.
         return {"required": {
             "model": ("MODEL", {"tooltip": "The diffusion model to stream."}),
             # step 0.1: the frontend rounds a FLOAT to the decimals of its step (0.25 would show and round
@@ -163,12 +169,10 @@ class VRAMKitOffload:
                                          "tooltip": "Most VRAM this model's weights may take, in GB; the rest "
                                                     "streams from RAM each step. 0 = auto (what fits beside "
                                                     "the activations of this image size)."}),
-            "engine": (list(budget.ENGINES), {
-                "default": "comfy", "tooltip": "comfy: ComfyUI's per-layer streaming, held to the budget."}),
         }}
 
-    def run(self, model: Any, vram_budget_gb: float, engine: str) -> dict[str, Any]:
-        out, text = budget.apply_offload(model, vram_budget_gb, engine)
+    def run(self, model: Any, vram_budget_gb: float) -> dict[str, Any]:
+        out, text = budget.apply_offload(model, vram_budget_gb)
         return _with_text(text, out, text)
 
 

@@ -1,7 +1,14 @@
-"""What a VRAM budget will do to a model, before anything loads: the layers ComfyUI's legacy loader keeps
-resident and those it streams. The sizes are read from the patcher as ComfyUI's ``_load_list`` reads them
-(this clone's object patches included, e.g. quantized layers, and the room its LoRA patches need); the walk
-itself is the Rust planner's (`vramkit._core.plan_offload`, a port of ``ModelPatcher.load``)."""
+"""What a VRAM budget will do to a model, before anything loads: the layers ComfyUI keeps resident and those
+it streams, under either memory manager.
+
+- `plan` (legacy ``ModelPatcher``): the sizes are read from the patcher as ComfyUI's ``_load_list`` reads them
+  (this clone's object patches included, e.g. quantized layers, and the room its LoRA patches need); the walk
+  itself is the Rust planner's (`vramkit._core.plan_offload`, a port of ``ModelPatcher.load``).
+- `plan_dynamic` (Dynamic VRAM, ``ModelPatcherDynamic``): the layout ``ModelPatcherDynamic.load`` gives the
+  model's VBAR (small modules first, then the larger ones by descending size, each a 512-byte aligned slice)
+  against a watermark: a module whose last page lies under the watermark faults in and stays; the others
+  fault "OOM" and are streamed from RAM each step.
+"""
 
 from __future__ import annotations
 
@@ -84,6 +91,7 @@ def loader_layers(model: Any, rule: str) -> list[tuple[str, int, int, bool]]:
 
 
 def plan(model: Any, budget_bytes: int) -> OffloadPlan:
+    """What ComfyUI's legacy loader keeps resident under `budget_bytes` (its streaming buffer included)."""
     rule = compat.offload_buffer_rule()
     layers = loader_layers(model, rule)
     result = _core.plan_offload([b for _, b, _, _ in layers], [c for _, _, c, _ in layers],
@@ -96,3 +104,76 @@ def plan(model: Any, budget_bytes: int) -> OffloadPlan:
         unplaced=tuple(name for (name, _, _, streams), keep in placed if not streams and not keep),
         resident_bytes=result["resident_bytes"], streamed_bytes=result["streamed_bytes"],
         buffer_bytes=result["buffer_bytes"], full_load=result["full_load"])
+
+
+@dataclass(frozen=True)
+class VbarSlot:
+    """One module's slice of a Dynamic VRAM model's VBAR, as ``ModelPatcherDynamic.load`` lays it out."""
+
+    name: str
+    offset: int
+    size: int
+
+    @property
+    def end_page(self) -> int:
+        """The page count the slice needs resident (comfy-aimdo faults whole 32 MiB pages)."""
+        return -(-(self.offset + self.size) // compat.AIMDO_PAGE_BYTES)
+
+
+def vbar_layout(model: Any) -> tuple[list[VbarSlot], list[tuple[str, int]]]:
+    """The VBAR slices a fresh Dynamic VRAM load gives `model`'s modules, in address order, and the modules
+    (name, bytes) it loads as ordinary tensors instead (at most 16 KB, or not a ComfyUI op), buffers
+    included. Read from the patcher as ``_load_list(for_dynamic=True)`` reads it, object patches included.
+    (A LoRA that changes a weight's shape makes ComfyUI force-load that module too; not predicted here.)"""
+    order = []
+    forced: list[tuple[str, int]] = []
+    for name, size, cast, streamable in loader_layers(model, "next_layers"):
+        module = model.get_model_object(name) if name else model.model
+        if not streamable or size <= compat.DYNAMIC_FORCE_LOAD_BYTES:
+            forced.append((name, size))
+            continue
+        slot = 0
+        for pname in ("weight", "bias"):
+            param = getattr(module, pname, None)
+            slot += compat.vbar_slot_bytes(param, getattr(module, f"{pname}_comfy_model_dtype", None))
+        order.append(((cast >= compat.DYNAMIC_SMALL_BYTES, -cast, size, name), slot))
+    buffers = sum(b.numel() * b.element_size() for b in model.model.buffers())
+    if buffers:
+        forced.append(("<buffers>", int(buffers)))
+    slots, offset = [], 0
+    for (*_, name), slot in sorted(order):
+        offset = -(-offset // compat.AIMDO_ALLOC_ALIGN) * compat.AIMDO_ALLOC_ALIGN
+        slots.append(VbarSlot(name, offset, slot))
+        offset += slot
+    return slots, forced
+
+
+def plan_dynamic(model: Any, watermark_bytes: int) -> OffloadPlan:
+    """What Dynamic VRAM keeps resident when `model`'s VBAR is capped at `watermark_bytes` (rounded up to
+    whole pages, as comfy-aimdo does). ``resident_bytes`` counts whole pages plus the ordinary tensors, like
+    ComfyUI's ``loaded_size()``; ``buffer_bytes`` is 0 (streamed weights go through comfy-aimdo's shared cast
+    buffer, not a per-model one)."""
+    slots, forced = vbar_layout(model)
+    pages = -(-max(0, int(watermark_bytes)) // compat.AIMDO_PAGE_BYTES)
+    resident = [s for s in slots if s.end_page <= pages]
+    streamed = [s for s in slots if s.end_page > pages]
+    used_pages = max((s.end_page for s in resident), default=0)
+    return OffloadPlan(
+        resident=tuple(sorted([s.name for s in resident] + [n for n, _ in forced if n != "<buffers>"])),
+        streamed=tuple(sorted(s.name for s in streamed)), unplaced=(),
+        resident_bytes=used_pages * compat.AIMDO_PAGE_BYTES + sum(b for _, b in forced),
+        streamed_bytes=sum(s.size for s in streamed), buffer_bytes=0, full_load=not streamed)
+
+
+def watermark_for(budget_bytes: int, forced_bytes: int) -> int:
+    """The VBAR cap that holds a Dynamic VRAM model's resident bytes (whole pages plus the `forced_bytes` of
+    ordinary tensors ComfyUI loads outside the VBAR) to `budget_bytes`: whole pages, rounded down."""
+    room = max(0, int(budget_bytes) - int(forced_bytes))
+    return room // compat.AIMDO_PAGE_BYTES * compat.AIMDO_PAGE_BYTES
+
+
+def plan_dynamic_budget(model: Any, budget_bytes: int) -> tuple[OffloadPlan, int]:
+    """`plan_dynamic` for a budget: the plan, and the VBAR cap (`watermark_for`) the budget becomes."""
+    _slots, forced = vbar_layout(model)
+    watermark = watermark_for(budget_bytes, sum(b for _, b in forced))
+    return plan_dynamic(model, watermark), watermark
