@@ -101,8 +101,8 @@ def resolve_mode(mode: str) -> tuple[str, str | None]:
     if fallback == mode:
         raise ValueError(f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}) and "
                          f"neither is VRAMKit's auto; available: {', '.join(available_modes())}")
-    reason = (f"attention mode {mode!r} is not available in this ComfyUI ({compat.describe()}): its package is "
-              f"not installed or ComfyUI did not register it; using {fallback} instead")
+    reason = (f"attention mode {mode!r} is not available in this ComfyUI {compat.comfyui_version()} (its package "
+              f"is not installed, or ComfyUI did not register it); using {fallback} instead")
     log_once(log, ("attention mode missing", mode), "VRAMKit %s", reason)
     return fallback, reason
 

@@ -276,12 +276,14 @@ fn attention_engines() -> PyResult<Vec<&'static str>> {
 /// `engine="auto"` picks it (capped by `VRAMKIT_SIMD`).
 #[pyfunction]
 fn attention_engine(dtype: &Bound<'_, PyAny>) -> PyResult<&'static str> {
-    let name: String = dtype.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "dtype must be a str naming a float type (float32, float16 or bfloat16); got {}",
-            describe(dtype)
-        ))
-    })?;
-    let t = FloatType::parse(&name).map_err(to_py_err)?;
-    Ok(Engine::for_type(t).name())
+    guard("attention_engine", || {
+        let name: String = dtype.extract().map_err(|_| {
+            PyTypeError::new_err(format!(
+                "dtype must be a str naming a float type (float32, float16 or bfloat16); got {}",
+                describe(dtype)
+            ))
+        })?;
+        let t = FloatType::parse(&name).map_err(to_py_err)?;
+        Ok(Engine::for_type(t).name())
+    })
 }
