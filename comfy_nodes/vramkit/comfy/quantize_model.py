@@ -122,15 +122,16 @@ class QuantizeReport:
     def _compute_text(self) -> str:
         q = QUALITY
         trade = (f"(sentence-embedding cosine vs fp32 on all-MiniLM-L6-v2: per-row weight-only "
-                 f"{q['per-row weight-only']}, per-row W8A8 {q['per-row W8A8']}, W8A8 + Hadamard "
-                 f"{q['W8A8 + Hadamard']}, per-group-64 weight-only {q['per-group-64 weight-only']})")
+                 f"{q['per-row weight-only']:.5f}, per-row W8A8 {q['per-row W8A8']:.5f}, W8A8 + Hadamard "
+                 f"{q['W8A8 + Hadamard']:.5f}, per-group-64 weight-only {q['per-group-64 weight-only']:.5f})")
         if self.compute == "int8 matmul":
             text = (f"Compute: int8 matmul: {_layers(len(self.int8_matmul))} multiply in INT8 (W8A8: "
                     "activations quantized per row on the fly) through ComfyUI's kernels, the fastest on "
                     "NVIDIA sm >= 7.5, at some quality " + trade + ".")
             if self.convrot_groups:
-                groups = ", ".join(f"{g}: {n}" for g, n in sorted(self.convrot_groups.items(), reverse=True))
-                text += f" ConvRot (block-Hadamard rotation, by comfy-kitchen) on {groups} (group: layers)."
+                groups = ", ".join(f"{g} x{n}" for g, n in sorted(self.convrot_groups.items(), reverse=True))
+                text += (f" ConvRot (comfy-kitchen's block-Hadamard rotation) on "
+                         f"{_layers(sum(self.convrot_groups.values()))} (group sizes: {groups}).")
             rest = len(self.quantized) - len(self.int8_matmul)
             if rest:
                 text += f" The other {_layers(rest)} dequantize their weights (no INT8 matmul for them)."
