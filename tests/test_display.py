@@ -69,3 +69,20 @@ def test_node_output_wraps_every_ui_value_in_a_list():
     assert out == {"ui": {"text": ["summary"], "vramkit_chart": [chart], "numbers": [{"a": 1}]},
                    "result": ("model", "summary")}
     assert display.node_output("only text", 1) == {"ui": {"text": ["only text"]}, "result": (1,)}
+
+
+def test_a_plans_components_become_a_predicted_bar_beside_the_measured_one():
+    components = {"weights": 6 * GB, "streaming_buffers": 300 * MB, "activations": 2 * GB, "attention": 0,
+                  "text_encoder": 100 * MB, "vae": 50 * MB, "reserve": GB}
+    predicted = display.plan_bar(components)
+    assert predicted["label"] == "predicted"
+    assert display.bar_total(predicted) == sum(components.values())
+    keys = {s["key"]: s for s in predicted["segments"]}
+    assert keys["other_models"]["bytes"] == 150 * MB and keys["other_models"]["label"] == "text encoder / VAE"
+    assert keys["other"]["label"] == "ComfyUI's reserve" and "attention" not in keys
+    planned = display.memory_chart("plan", [predicted], budget_bytes=10 * GB)
+    measured = display.memory_chart("VRAM", [display.bar("measured", {"working": GB})], capacity_bytes=12 * GB)
+    both = display.with_prediction(measured, planned)
+    assert [b["label"] for b in both["bars"]] == ["predicted", "measured"]
+    assert both["budget_bytes"] == 10 * GB and both["capacity_bytes"] == 12 * GB
+    assert measured["bars"] == [display.bar("measured", {"working": GB})]  # the inputs are left alone

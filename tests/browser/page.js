@@ -31,6 +31,7 @@
     };
     const v = variant % 2;
     const unet = add("UNETLoader", { unet_name: "vramkit_tiny_sd15.safetensors" }, [0, 0]);
+    const autoOptimize = add("VRAMKitAutoOptimize", { width: 64, height: 64, preset: "auto", vram_budget_gb: v ? 4 : 0 }, [4, 0]);
     const precision = add("VRAMKitPrecision", { compute_dtype: v ? "fp32" : "default" }, [0, 150]);
     const quantize = add("VRAMKitQuantize", { group_size: v ? 32 : 64 }, [0, 420]);
     const attention = add("VRAMKitAttention", { mode: "chunked" }, [1, 0]);
@@ -43,7 +44,8 @@
     const latent = add("EmptyLatentImage", { width: 64, height: 64 }, [3, 0]);
     const sampler = add("KSampler", { seed: 7 + variant, control_after_generate: "fixed", steps: 2 }, [3, 170]);
     const report = add("VRAMKitReport", {}, [3, 500]);
-    link(unet, 0, precision, "model");
+    link(unet, 0, autoOptimize, "model");
+    link(autoOptimize, 0, precision, "model");
     link(precision, 0, quantize, "model");
     link(quantize, 0, attention, "model");
     link(attention, 0, offload, "model");
@@ -54,6 +56,7 @@
     link(free, 0, sampler, "positive");
     link(negative, 0, sampler, "negative");
     link(latent, 0, sampler, "latent_image");
+    link(latent, 0, autoOptimize, "latent");
     link(sampler, 0, report, "samples");
     const workflow = graph.serialize();
     await app.loadGraphData(workflow, true, true, `vramkit tiny graph ${variant}`);

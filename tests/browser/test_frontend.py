@@ -21,7 +21,7 @@ PAGE_JS = (HERE / "page.js").read_text()
 MODES = ["classic", "nodes2"]
 #: Nodes that show a summary after they run (the Measure node only arms the measurement).
 SHOWS_SUMMARY = {"VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision",
-                 "VRAMKitFreeAfter", "VRAMKitReport"}
+                 "VRAMKitFreeAfter", "VRAMKitReport", "VRAMKitAutoOptimize"}
 
 
 class ComfyPage:
@@ -151,6 +151,8 @@ def _check_displays(displays: list[dict[str, Any]], where: str) -> None:
         node, rect = d["node"], d["rect"]
         assert rect["y"] + rect["height"] <= node["y"] + node["height"] + 2, f"{label}: display overflows node {d}"
         assert rect["x"] + rect["width"] <= node["x"] + node["width"] + 2, f"{label}: display overflows node {d}"
+    planned = next(d for d in displays if d["type"] == "VRAMKitAutoOptimize")
+    assert planned["chart"] and any("predicted" in t for t in planned["chartText"]), planned["chartText"]
     report = next(d for d in displays if d["type"] == "VRAMKitReport")
     assert report["chart"], f"{where}: the VRAM report shows no chart"
     assert any("measured" in t for t in report["chartText"]), report["chartText"]

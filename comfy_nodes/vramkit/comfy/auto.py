@@ -31,7 +31,17 @@ import torch
 from .. import plan as planner
 from ..plan import calibration
 from ..plan.profiles import TensorInfo, profile_from_tensors
-from . import attention_modes, budget, compat, measure, offload_encoders, patch, precision, quantize_model
+from . import (
+    attention_modes,
+    budget,
+    compat,
+    display,
+    measure,
+    offload_encoders,
+    patch,
+    precision,
+    quantize_model,
+)
 
 log = logging.getLogger("vramkit.comfy")
 
@@ -55,6 +65,8 @@ class AutoRecord:
     events: list[str] = field(default_factory=list)
     calibration: str = ""
     fingerprint: tuple[float, float] = (0.0, 0.0)
+    #: The plan's predicted peak as a memory chart (`display`), shown on the node and beside the measurement.
+    chart: dict[str, Any] | None = None
 
     def text(self) -> str:
         lines = [self.plan_text]
@@ -301,7 +313,9 @@ def auto_optimize(model: Any, clip: Any = None, vae: Any = None, latent: dict[st
     text = plan.text()
     if lines:
         text += "\nApplied: " + " ".join(line.rstrip(".") + "." for line in lines)
-    record = AutoRecord(plan_text=text, applied=list(plan.rungs))
+    chart = display.memory_chart("VRAM while sampling, as planned", [display.plan_bar(plan.components)],
+                                 device=plan.device, budget_bytes=plan.budget_bytes or None)
+    record = AutoRecord(plan_text=text, applied=list(plan.rungs), chart=chart)
     if safety_net:
         patch.set_wrapper(out, compat.wrappers_mp().OUTER_SAMPLE, WRAPPER_SAFETY, SafetyNet(record, plan))
     return out, text, record

@@ -126,6 +126,39 @@ def chart_lines(chart: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+#: The planner's peak components (`vramkit.plan`: ``Plan.components``) as chart segments, with their labels.
+PLAN_SEGMENTS: dict[str, tuple[str, str]] = {
+    "weights": ("resident_weights", "weights kept in VRAM"),
+    "streaming_buffers": ("streamed_weights", "streaming / cast buffers"),
+    "activations": ("activations", "activations"),
+    "attention": ("attention", "attention"),
+    "text_encoder": ("other_models", "text encoder / VAE"),
+    "vae": ("other_models", "text encoder / VAE"),
+    "reserve": ("other", "ComfyUI's reserve"),
+}
+
+
+def plan_bar(components: Mapping[str, float], label: str = "predicted") -> dict[str, Any]:
+    """A bar from a plan's predicted peak components (unknown ones count as "other")."""
+    segments: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    for name, size in components.items():
+        key, text = PLAN_SEGMENTS.get(name, ("other", str(name)))
+        segments[key] = segments.get(key, 0) + _bytes(size, f"component {name}")
+        labels[key] = text
+    return bar(label, segments, labels)
+
+
+def with_prediction(measured: Mapping[str, Any], predicted: Mapping[str, Any]) -> dict[str, Any]:
+    """`measured` with `predicted`'s bars drawn above its own (and its budget where `measured` has none)."""
+    chart = dict(measured)
+    chart["bars"] = [*predicted["bars"], *measured["bars"]]
+    if not chart.get("budget_bytes") and predicted.get("budget_bytes"):
+        chart["budget_bytes"] = predicted["budget_bytes"]
+        chart["budget_label"] = predicted.get("budget_label", "budget")
+    return chart
+
+
 def node_output(text: str, *result: Any, chart: Mapping[str, Any] | None = None,
                 extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A node's return value with its display: the summary (and chart) in ``ui``, the outputs in ``result``.

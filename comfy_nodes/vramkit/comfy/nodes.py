@@ -273,7 +273,7 @@ class VRAMKitAutoOptimize:
                                "tooltip": "Video frames (used when no latent is connected)."}),
             "batch": ("INT", {"default": 1, "min": 1, "max": 4096,
                               "tooltip": "Batch size (used when no latent is connected)."}),
-            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.25,
+            "vram_budget_gb": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 0.1,
                                          "tooltip": "VRAM this job may use; 0 = what this GPU has free."}),
             "preset": (list(auto.PRESETS), {
                 "default": "auto",
@@ -291,9 +291,9 @@ class VRAMKitAutoOptimize:
     def run(self, model: Any, width: int, height: int, frames: int, batch: int, vram_budget_gb: float,
             preset: str, safety_net: bool, clip: Any = None, vae: Any = None,
             latent: dict[str, Any] | None = None) -> dict[str, Any]:
-        out, text, _record = auto.auto_optimize(model, clip, vae, latent, width, height, frames, batch,
-                                                vram_budget_gb, preset, safety_net)
-        return _with_text(text, out, text)
+        out, text, record = auto.auto_optimize(model, clip, vae, latent, width, height, frames, batch,
+                                               vram_budget_gb, preset, safety_net)
+        return display.node_output(text, out, text, chart=record.chart)
 
 
 class VRAMKitReport:
@@ -318,6 +318,10 @@ class VRAMKitReport:
             return display.node_output(text, samples)
         found = measure.find(samples["samples"])
         chart = found.chart() if found is not None else None
+        planned = auto.find(samples["samples"])
+        if chart is not None and planned is not None and planned.chart is not None and found is not None \
+                and found.peak_kind.endswith("VRAM"):  # a plan predicts VRAM: beside a VRAM measurement only
+            chart = display.with_prediction(chart, planned.chart)
         text = "\n".join([text, *(display.chart_lines(chart) if chart is not None else []), measure.COMPARE_HINT])
         return display.node_output(text, samples, chart=chart, extra={"vramkit_measurement": numbers})
 
