@@ -96,7 +96,7 @@ class QuantizeReport:
                          + ", ".join(f"{k}: {n}" for k, n in kinds.most_common())
                          + "): left as they are, not quantized a second time.")
         if self.native:
-            lines.append(f"{_layers(len(self.native))} use ComfyUI's own quantized layouts, so ComfyUI's kernels, "
+            lines.append(f"{_layers(len(self.native))} are in ComfyUI's own layouts, so ComfyUI's kernels, "
                          "LoRA, Dynamic VRAM and ModelSave treat them as a quantized checkpoint's.")
         lines.append(self._compute_text())
         lines.extend(self.notes)
