@@ -238,6 +238,8 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
                             "for their matmuls instead (compute 'dequantize').")
         log.warning("VRAMKit quantize: int8 matmul unavailable, dequantizing instead: %s", native_problem)
     offload = compat.offload_device(model)
+    # ConvRot's rotation is a matmul per layer: on the load device when it is a GPU, one layer at a time.
+    rotate_on = compat.load_device(model) if rotation != "none" else offload
     progress = compat.progress_bar(max(len(candidates), 1))
     for layer in candidates:
         name, weight = layer.name, layer.weight
@@ -257,7 +259,7 @@ def quantize_model(model: Any, format: str = "int8", granularity: str = "group",
         if native_problem is None and isinstance(layer.module, torch.nn.Linear):
             try:
                 stand_in, nbytes = _native_stand_in(layer, weight, others, target, layer_granularity, offload,
-                                                    report)
+                                                    rotate_on, report)
             except Exception as exc:  # an unexpected ComfyUI/comfy-kitchen API: fall back, never fail
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("VRAMKit quantize: %s: ComfyUI's layout failed (%s); using VRAMKit's", name, reason)
@@ -296,8 +298,8 @@ def _native_problem(route: str, native: bool, format: str, granularity: str) -> 
 
 
 def _native_stand_in(layer: patch.Layer, weight: torch.Tensor, others: dict[str, torch.Tensor | None],
-                     target: torch.dtype, granularity: str, offload: torch.device, report: QuantizeReport
-                     ) -> tuple[torch.nn.Module | None, int]:
+                     target: torch.dtype, granularity: str, offload: torch.device, rotate_on: torch.device,
+                     report: QuantizeReport) -> tuple[torch.nn.Module | None, int]:
     """ComfyUI's own quantized Linear for `layer`, or (None, 0) when its scheme has no native layout.
     Rotated by ConvRot with the largest of `CONVROT_GROUPS` that divides its inputs (none: not rotated)."""
     fmt = layouts.native_format(report.format, granularity)
@@ -311,7 +313,7 @@ def _native_stand_in(layer: patch.Layer, weight: torch.Tensor, others: dict[str,
             report.notes.append(f"{layer.name}: no ConvRot group ({'/'.join(map(str, CONVROT_GROUPS))}) "
                                 f"divides its {in_features} inputs; quantized per row without rotation.")
     if group:
-        qt = layouts.native_convrot_weight(weight.to(offload), target, group)
+        qt = layouts.native_convrot_weight(weight.to(rotate_on), target, group).to(offload)
         report.convrot_groups[group] += 1
     else:
         q = quant.quantize(weight, report.format, granularity, None).to(offload)
