@@ -145,19 +145,27 @@ function drawChart(chart, width) {
   return root;
 }
 
-// The text box's height for `text` at `width` px: measured on a hidden copy with the same style.
-function textHeight(text, width) {
+// The text box's height for `text` at `width` px. Measured on the box itself when it is on the page at that
+// width (its real styles: the Vue renderer's differ from the page's), else on a hidden copy.
+function textHeight(box, text, width) {
+  if (box.isConnected && Math.abs(box.clientWidth - width) < 1) {
+    const height = box.style.height;
+    box.style.height = "auto";
+    const needed = box.scrollHeight;
+    box.style.height = height;
+    return needed;
+  }
   const probe = document.createElement("div");
   probe.className = "vramkit-display";
   probe.style.cssText = `position:absolute; visibility:hidden; left:-10000px; top:0; width:${width}px;`;
-  const box = document.createElement("div");
-  box.className = "vramkit-text";
-  box.textContent = text;
-  probe.append(box);
+  const copy = document.createElement("div");
+  copy.className = "vramkit-text";
+  copy.textContent = text;
+  probe.append(copy);
   document.body.append(probe);
-  const height = box.scrollHeight;
+  const needed = copy.scrollHeight;
   probe.remove();
-  return height;
+  return needed;
 }
 
 function contentWidth(node) {
@@ -180,12 +188,30 @@ function layout(node, widget) {
     height += Number(chart.getAttribute("height")) + 6;
   }
   state.textBox.textContent = state.text;
-  const textPx = Math.min(textHeight(state.text, width), MAX_TEXT_HEIGHT);
+  state.width = width;
+  const textPx = Math.min(textHeight(state.textBox, state.text, width), MAX_TEXT_HEIGHT);
   state.textBox.style.height = `${textPx}px`;
   height += textPx;
   state.height = height + 2 * MARGIN;
   return state.height;
 }
+
+// Displays on the page, to check again when something reflows their text (a web font that loads late).
+const DISPLAYS = new Set();
+
+// Lays the display out again if its text no longer fits its box (it wraps differently than when measured).
+function refit(node, widget) {
+  const box = widget.vramkit.textBox;
+  if (!widget.vramkit.text || !box.isConnected) return;
+  if (box.scrollHeight > box.clientHeight + 1 && box.clientHeight < MAX_TEXT_HEIGHT) {
+    layout(node, widget);
+    fitNode(node);
+  }
+}
+
+document.fonts?.addEventListener?.("loadingdone", () => {
+  for (const { node, widget } of DISPLAYS) refit(node, widget);
+});
 
 function fitNode(node) {
   const size = node.computeSize();
@@ -203,7 +229,7 @@ function displayWidget(node) {
   const textBox = document.createElement("div");
   textBox.className = "vramkit-text";
   element.append(chartBox, textBox);
-  const state = { text: "", chart: null, height: 0, chartBox, textBox };
+  const state = { text: "", chart: null, height: 0, width: 0, chartBox, textBox };
   widget = node.addDOMWidget(DISPLAY, "vramkit_display", element, {
     serialize: false, // not an input: never sent with the prompt
     hideOnZoom: false,
@@ -214,6 +240,24 @@ function displayWidget(node) {
   });
   widget.serialize = false; // not saved in the workflow's widgets_values either
   widget.vramkit = state;
+  // Lay out again when the element's width changes without the node's (the Vue renderer sizes it itself).
+  const observer = new ResizeObserver(() => {
+    const width = element.clientWidth;
+    if (!state.text || width <= 50 || Math.abs(width - state.width) < 1) return;
+    requestAnimationFrame(() => {
+      layout(node, widget);
+      fitNode(node);
+    });
+  });
+  observer.observe(element);
+  const entry = { node, widget };
+  DISPLAYS.add(entry);
+  const onRemove = widget.onRemove;
+  widget.onRemove = function () {
+    observer.disconnect();
+    DISPLAYS.delete(entry);
+    return onRemove?.apply(this, arguments);
+  };
   let lastWidth = node.size[0];
   const onResize = node.onResize;
   node.onResize = function (size) {
@@ -238,6 +282,8 @@ function show(node, message) {
   if (node.size[0] < MIN_WIDTH) node.setSize([MIN_WIDTH, node.size[1]]);
   layout(node, widget);
   fitNode(node);
+  // Once the frontend has placed the element at its final width, check that the text still fits.
+  requestAnimationFrame(() => requestAnimationFrame(() => refit(node, widget)));
 }
 
 app.registerExtension({
