@@ -7,7 +7,8 @@ import torch
 from helpers import apply_lora, lora_state_dict, rel, sample
 
 from vramkit.comfy import budget as streaming
-from vramkit.comfy import quantize_model, selection
+from vramkit.comfy import quantize_model
+from vramkit.quant import selection
 from vramkit.comfy.nodes import VRAMKitQuantize
 
 #: Worst relative output error allowed against the unquantized run (2 euler steps, CFG 2). Measured on the

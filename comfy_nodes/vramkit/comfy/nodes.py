@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
+from ..quant import selection
 from . import (
     attention_modes,
     auto,
@@ -20,7 +21,6 @@ from . import (
     precision,
     quantize_model,
     quantized_ops,
-    selection,
 )
 
 CATEGORY = "VRAMKit"

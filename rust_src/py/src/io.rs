@@ -28,7 +28,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 }
 
 fn io_err(e: IoError, cancelled: Option<PyErr>) -> PyErr {
-    let text = e.to_string();
+    let mut text = e.to_string();
+    // std's message ends in " (os error N)"; Python prints the errno itself.
+    if let Some(cut) = text.rfind(" (os error ") {
+        text.truncate(cut);
+    }
     match e {
         IoError::Os { source, .. } => {
             let errno = source.raw_os_error().or(match source.kind() {
