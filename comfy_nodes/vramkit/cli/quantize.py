@@ -64,9 +64,10 @@ def run(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
+        skip = DEFAULT_SKIP if args.skip is None else args.skip
         report = quantize_file(args.input, args.output, format=args.format, granularity=args.granularity,
-                               group_size=args.group_size, skip=DEFAULT_SKIP if args.skip is None else args.skip, rotate=args.rotate,
-                               progress=progress, overwrite=args.force)
+                               group_size=args.group_size, skip=skip, rotate=args.rotate, progress=progress,
+                               overwrite=args.force)
     finally:
         if bar is not None:
             bar.close()

@@ -22,6 +22,7 @@ from . import (
     quantize_model,
     quantized_ops,
 )
+from .file_nodes import VRAMKitLoadQuantized, VRAMKitSaveQuantized
 
 CATEGORY = "VRAMKit"
 
@@ -335,6 +336,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "VRAMKitMeasure": VRAMKitMeasure,
     "VRAMKitReport": VRAMKitReport,
     "VRAMKitAutoOptimize": VRAMKitAutoOptimize,
+    "VRAMKitLoadQuantized": VRAMKitLoadQuantized,
+    "VRAMKitSaveQuantized": VRAMKitSaveQuantized,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitQuantize": "Quantize weights (FP8/INT8)",
@@ -345,4 +348,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitMeasure": "Measure VRAM",
     "VRAMKitReport": "VRAM report",
     "VRAMKitAutoOptimize": "Auto-optimize for my VRAM",
+    "VRAMKitLoadQuantized": "Load diffusion model (quantize on load)",
+    "VRAMKitSaveQuantized": "Save quantized model",
 }

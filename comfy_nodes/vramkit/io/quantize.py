@@ -223,14 +223,16 @@ def choose_layers(tensors: list[dict[str, Any]], format: str, granularity: str,
 
 def quantize_file(src: str | PathLike[str], dst: str | PathLike[str], *, format: str, granularity: str,
                   group_size: int = DEFAULT_GROUP_SIZE, skip: str = selection.DEFAULT_SKIP, rotate: bool = False,
-                  progress: ProgressFn | None = None, overwrite: bool = False) -> FileQuantizeReport:
+                  progress: ProgressFn | None = None, overwrite: bool = False,
+                  metadata: dict[str, str] | None = None) -> FileQuantizeReport:
     """Quantizes the safetensors model `src` into a new file `dst` (see the module docs).
 
     format: "fp8_e4m3fn", "fp8_e5m2" or "int8". granularity: "tensor", "channel" (one scale per output
     row) or "group" (`group_size` consecutive weights of a row; layers whose rows it does not divide use
     "channel"). skip: comma-separated globs on layer names, plus ``<first>``/``<last>``, or "none".
     rotate: ConvRot (int8 per channel; comfy-kitchen's block Hadamard of 256 along the input dimension).
-    progress: called after each chunk, see `ProgressFn`. overwrite: replace an existing `dst`.
+    progress: called after each chunk, see `ProgressFn`. overwrite: replace an existing `dst`. metadata:
+    extra ``__metadata__`` entries (the input's are kept).
 
     Raises ValueError (bad options; an input that is not valid safetensors, naming what is wrong; NaN/Inf in
     a weight), FileExistsError (dst exists and not `overwrite`), OSError (unreadable input, a full disk,
@@ -243,10 +245,11 @@ def quantize_file(src: str | PathLike[str], dst: str | PathLike[str], *, format:
     report.src, report.dst = src_s, dst_s
     options = {"format": format, "granularity": granularity, "group_size": report.group_size,
                "rotate": CONVROT_GROUP if rotate else None, "skip": skip, "vramkit": _core.__version__}
+    meta = dict(metadata or {})
+    meta[formats.VRAMKIT_METADATA_KEY] = json.dumps(options, sort_keys=True)
     raw = _core.quantize_safetensors(
         src_s, dst_s, format, [(c.tensor, c.granularity, c.group_size, c.rotate) for c in choices],
-        metadata={formats.VRAMKIT_METADATA_KEY: json.dumps(options, sort_keys=True)},
-        overwrite=overwrite, progress=progress)
+        metadata=meta, overwrite=overwrite, progress=progress)
     report.input_file_bytes = header["file_size"]
     report.output_file_bytes = raw["output_bytes"]
     report.layers = [_layer_stats(entry) for entry in raw["layers"]]
