@@ -99,7 +99,7 @@ def test_int8_per_row_file_loads_in_stock_unetloader(tiny, kind, model_dir):
 def test_conv_rot_file_loads_in_stock_unetloader(tiny, kind, model_dir):
     if not compat.reads_convrot():
         pytest.skip(f"{compat.describe()} has no ConvRot")
-    path, layers = quantized_file(model_dir, kind, "int8", "channel", rotate=True)
+    path, _ = quantized_file(model_dir, kind, "int8", "channel", rotate=True)
     profile = inspect_file(path)
     rotated = [n for n, m in profile["quantization"]["layers"].items() if m.get("convrot")]
     if not rotated:
@@ -110,7 +110,7 @@ def test_conv_rot_file_loads_in_stock_unetloader(tiny, kind, model_dir):
 
 def test_per_group_file_is_refused_by_stock_loaders(model_dir):
     path, _ = quantized_file(model_dir, "flux", "int8", "group")
-    with pytest.raises(Exception, match="vramkit_block_scaled|int8_tensorwise"):
+    with pytest.raises(Exception, match=r"vramkit_block_scaled|int8_tensorwise"):
         unet_loader(path.name)
 
 
@@ -132,7 +132,7 @@ def test_loader_node_loads_every_scheme_and_the_second_load_does_no_work(tiny, k
     assert text.startswith("Cache miss") and str(cache) in text
     out = sample(model, kind)
     assert 0 < rel(out, sample(tiny, kind)) < TOLERANCE[scheme]
-    stock = granularity == "tensor" or granularity == "channel" and fmt == "int8"
+    stock = granularity == "tensor" or (granularity == "channel" and fmt == "int8")
     native = stock and {"float8_e4m3fn" if fmt == "fp8_e4m3fn" else "float8_e5m2" if fmt == "fp8_e5m2"
                         else "int8_tensorwise"} <= compat.native_quant_formats()
     assert ("stock operations" in text) == native
@@ -197,7 +197,7 @@ def test_loader_errors_name_the_problem(model_dir, tmp_path):
     with pytest.raises(ValueError, match="int8 with granularity"):
         VRAMKitLoadQuantized().run("tiny_flux.safetensors", "fp8_e4m3fn", "tensor", 64, DEFAULT_SKIP, True,
                                    str(tmp_path))
-    with pytest.raises(Exception, match="nope.safetensors"):
+    with pytest.raises(Exception, match=r"nope\.safetensors"):
         VRAMKitLoadQuantized().run("nope.safetensors", "int8", "group", 64, DEFAULT_SKIP, False, str(tmp_path))
 
 
