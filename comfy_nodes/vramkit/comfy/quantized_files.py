@@ -220,7 +220,10 @@ def model_state_dict(model: Any) -> tuple[dict[str, torch.Tensor], int]:
             if p is None or (quantized and name in _QUANT_BOOKKEEPING):
                 continue
             if name == "weight" and quantized:
-                p = module.convert_weight(p) if isinstance(module, quantized_ops._OwnQuantizedOp) else p.dequantize()
+                if isinstance(module, quantized_ops._OwnQuantizedOp):  # codes + a weight_scale buffer
+                    p = module._dequantized(p, module._scale(), module._vramkit_scheme.dtype)
+                else:
+                    p = p.dequantize()
                 dequantized += 1
             out[prefix + name] = p.detach()
         for name, b in module._buffers.items():

@@ -128,6 +128,10 @@ def _child(cmd: list[str]) -> tuple[float, int]:
 
 def run(size_gb: float = 4.0, folder: str | None = None, format: str = "int8", granularity: str = "channel",
         keep: bool = False) -> str:
+    import importlib.util
+
+    if importlib.util.find_spec("safetensors") is None:
+        raise ValueError("bench io compares with safetensors + torch: pip install safetensors")
     if granularity not in ("tensor", "channel"):
         raise ValueError("bench io compares with torch's per-tensor and per-channel formulas: use granularity "
                          "tensor or channel")
