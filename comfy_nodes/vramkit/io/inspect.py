@@ -39,6 +39,7 @@ import json
 import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from os import PathLike
 from typing import Any
 
@@ -64,7 +65,7 @@ def natural_key(name: str) -> list[Any]:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _layer_markers(header: dict[str, Any], prefix: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _layer_markers(header: Mapping[str, Any], prefix: str) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Marker per layer (names without `prefix`), and where the markers were found."""
     layers: dict[str, dict[str, Any]] = {}
     sources: list[str] = []

@@ -17,10 +17,10 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from os import PathLike, fspath
-from typing import Any
+from typing import Any, cast
 
 from .. import _core
 from ..quant import DEFAULT_GROUP_SIZE, FORMATS, selection
@@ -172,7 +172,7 @@ def _validate(format: str, granularity: str, group_size: int, rotate: bool) -> N
                          "rotates before per-row INT8")
 
 
-def choose_layers(tensors: list[dict[str, Any]], format: str, granularity: str,
+def choose_layers(tensors: Sequence[Mapping[str, Any]], format: str, granularity: str,
                   group_size: int = DEFAULT_GROUP_SIZE, skip: str = selection.DEFAULT_SKIP,
                   rotate: bool = False) -> tuple[list[LayerChoice], FileQuantizeReport]:
     """Which tensors of a header (`_core.safetensors_header(...)["tensors"]`) to quantize and how, plus a
@@ -183,7 +183,7 @@ def choose_layers(tensors: list[dict[str, Any]], format: str, granularity: str,
     prefix = formats.model_prefix(names)
     report = FileQuantizeReport("", "", format, granularity, group_size if granularity == "group" else None,
                                 rotate)
-    by_layer: dict[str, dict[str, Any]] = {}
+    by_layer: dict[str, Mapping[str, Any]] = {}
     for t in tensors:
         name = t["name"]
         if not name.endswith(formats.WEIGHT_SUFFIX) or not name.startswith(prefix):
@@ -248,7 +248,7 @@ def quantize_file(src: str | PathLike[str], dst: str | PathLike[str], *, format:
     meta = dict(metadata or {})
     meta[formats.VRAMKIT_METADATA_KEY] = json.dumps(options, sort_keys=True)
     raw = _core.quantize_safetensors(
-        src_s, dst_s, format, [(c.tensor, c.granularity, c.group_size, c.rotate) for c in choices],
+        src_s, dst_s, cast("_core.Format", format), _specs(choices),
         metadata=meta, overwrite=overwrite, progress=progress)
     report.input_file_bytes = header["file_size"]
     report.output_file_bytes = raw["output_bytes"]
@@ -257,7 +257,11 @@ def quantize_file(src: str | PathLike[str], dst: str | PathLike[str], *, format:
     return report
 
 
-def _layer_stats(entry: dict[str, Any]) -> LayerStats:
+def _specs(choices: list[LayerChoice]) -> list[_core.LayerSpec]:
+    return [(c.tensor, cast(Any, c.granularity), c.group_size, c.rotate) for c in choices]
+
+
+def _layer_stats(entry: Mapping[str, Any]) -> LayerStats:
     return LayerStats(
         tensor=entry["tensor"], shape=tuple(entry["shape"]), dtype=entry["dtype"],
         granularity=entry["granularity"], group_size=entry["group_size"], rotate=entry["rotate"],
@@ -304,7 +308,7 @@ def save_quantized(tensors: dict[str, Any], dst: str | PathLike[str], *, format:
     meta = dict(metadata or {})
     meta[formats.VRAMKIT_METADATA_KEY] = json.dumps(options, sort_keys=True)
     raw_report = _core.quantize_tensors(
-        entries, fspath(dst), format, [(c.tensor, c.granularity, c.group_size, c.rotate) for c in choices],
+        entries, fspath(dst), cast("_core.Format", format), _specs(choices),
         metadata=meta, overwrite=overwrite, progress=progress)
     report.input_file_bytes = pos
     report.output_file_bytes = raw_report["output_bytes"]

@@ -31,7 +31,7 @@ from .timing import format_table
 
 HIDDEN = 3072
 #: One block's Linear weights (name, [out, in]); norms and biases are added as 1-D tensors.
-BLOCK = (("attn.qkv", (3 * HIDDEN, HIDDEN)), ("attn.proj", (HIDDEN, HIDDEN)),
+BLOCK: tuple[tuple[str, tuple[int, ...]], ...] = (("attn.qkv", (3 * HIDDEN, HIDDEN)), ("attn.proj", (HIDDEN, HIDDEN)),
          ("mlp.0", (4 * HIDDEN, HIDDEN)), ("mlp.2", (HIDDEN, 4 * HIDDEN)))
 RSS_LIMIT = 1 << 30
 SPEEDUP_TARGET = 3.0
