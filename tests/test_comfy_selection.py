@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vramkit.comfy import selection
+from vramkit.quant import selection
 
 # Layer names as ComfyUI's SD1.x UNet and Flux register them (model order), and their block lists.
 UNET = ["time_embed.0", "time_embed.2", "input_blocks.0.0", "input_blocks.1.0.in_layers.2",

@@ -16,7 +16,8 @@ Conventions shared by every function:
   2**64 - 1) is a ValueError naming the argument and the accepted range, not an OverflowError.
 """
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Literal, TypedDict
 
@@ -168,6 +169,85 @@ def plan_offload(bytes: Sequence[int], cast_bytes: Sequence[int], streamable: Se
     `ModelPatcher.load`): layers in name order, their weight bytes, the bytes to run them streamed, whether
     they can stream; `streams` is ComfyUI's NUM_STREAMS, `rule` its buffer sizing ("next_layers" since 0.29,
     "multiply" in 0.3.7x). A budget above `model_bytes` loads everything."""
+
+# --- safetensors files (rust_src/core/src/io, rust_src/py/src/io.rs) -----------------------------------------
+
+class SafetensorsTensor(TypedDict):
+    name: str
+    dtype: str
+    """safetensors dtype name: "F32", "BF16", "F8_E4M3", "I8", "U8", ..."""
+    shape: list[int]
+    start: int
+    """Byte range inside the data area (after the header)."""
+    end: int
+
+class SafetensorsHeader(TypedDict):
+    path: str
+    file_size: int
+    header_len: int
+    header: bytes
+    """The JSON header bytes (padding included)."""
+    metadata: dict[str, str] | None
+    tensors: list[SafetensorsTensor]
+    """In the order their data lies in the file."""
+    markers: dict[str, bytes]
+    """The bytes of every small uint8 `<layer>.comfy_quant` tensor (UTF-8 JSON)."""
+
+class QuantizedLayer(TypedDict):
+    tensor: str
+    dtype: str
+    shape: list[int]
+    granularity: Literal["tensor", "channel", "group"]
+    group_size: int | None
+    rotate: int | None
+    marker: str
+    """The marker JSON written for the layer."""
+    native: bool
+    """The marker is one of ComfyUI's own formats."""
+    bytes_before: int
+    bytes_after: int
+    """Codes + scales + marker."""
+    max_abs: float
+    rmse: float
+    snr_db: float
+
+class QuantizeFileReport(TypedDict):
+    path: str
+    input_bytes: int
+    output_bytes: int
+    tensors: int
+    seconds: float
+    layers: list[QuantizedLayer]
+
+LayerSpec = tuple[str, Literal["tensor", "channel", "group"], int | None, int | None]
+"""(tensor name `<layer>.weight`, granularity, group_size (group only) or None, ConvRot group size or None)."""
+ProgressCallback = Callable[[int, int, int, int, str], object]
+"""Called after each chunk with (tensors_done, tensors_total, bytes_done, bytes_total, tensor_name); an
+exception it raises cancels the run and is re-raised (Ctrl-C cancels too)."""
+
+def safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Opens and validates a safetensors file (memory-mapped; the header read by the `safetensors` crate)
+    without reading tensor data. ValueError names what is wrong with a bad file (truncated, a header that
+    lies about sizes or offsets, overlapping tensors, an unknown dtype, ...); OSError when it cannot be read."""
+
+def quantize_safetensors(src: str | os.PathLike[str], dst: str | os.PathLike[str], fmt: Format,
+                         layers: Sequence[LayerSpec], metadata: dict[str, str] | None = None,
+                         overwrite: bool = False, progress: ProgressCallback | None = None
+                         ) -> QuantizeFileReport:
+    """Streams `src` into a new safetensors file `dst` with `layers` quantized (codes, `.weight_scale`,
+    `.comfy_quant` marker; see `vramkit.io.formats`) and every other tensor copied byte for byte; `metadata`
+    entries join the input's `__metadata__`. Writes a temporary file in dst's folder, fsyncs and renames it;
+    on any error it is removed and no output exists. The GIL is released; memory stays near one chunk.
+    ValueError: bad options, a bad input file, NaN/Inf in a weight, dst == src. OSError (with its errno):
+    FileExistsError when dst exists and not `overwrite`, ENOSPC/EFBIG when the disk or file size limit is
+    reached, ... ."""
+
+def quantize_tensors(tensors: Sequence[tuple[str, str, Sequence[int], npt.NDArray[np.uint8]]],
+                     dst: str | os.PathLike[str], fmt: Format, layers: Sequence[LayerSpec],
+                     metadata: dict[str, str] | None = None, overwrite: bool = False,
+                     progress: ProgressCallback | None = None) -> QuantizeFileReport:
+    """`quantize_safetensors` from tensors in memory: (name, safetensors dtype, shape, C-contiguous uint8
+    array of the little-endian bytes) each; `metadata` becomes the `__metadata__`."""
 
 class _BenchModule(ModuleType):
     """`_core._bench`: helpers for `vramkit bench` only (not part of the API)."""

@@ -7,8 +7,9 @@ import torch
 from helpers import apply_lora, lora_state_dict, rel, sample
 
 from vramkit.comfy import budget as streaming
-from vramkit.comfy import quantize_model, selection
+from vramkit.comfy import quantize_model
 from vramkit.comfy.nodes import VRAMKitQuantize
+from vramkit.quant import selection
 
 #: Worst relative output error allowed against the unquantized run (2 euler steps, CFG 2). Measured on the
 #: tiny models (sd15 / flux): int8 group 0.34% / 0.55%, channel 0.32% / 0.64%, tensor 0.44% / 1.0%;

@@ -19,7 +19,8 @@ WORKFLOWS = workflow_tools.names()
 #: Which VRAMKit node each example workflow shows.
 SHOWS = {"attention": "VRAMKitAttention", "free_after": "VRAMKitFreeAfter", "measure": "VRAMKitMeasure",
          "offload": "VRAMKitOffload", "precision": "VRAMKitPrecision", "quantize": "VRAMKitQuantize",
-         "auto_sd15": "VRAMKitAutoOptimize", "auto_flux": "VRAMKitAutoOptimize", "auto_wan": "VRAMKitAutoOptimize"}
+         "auto_sd15": "VRAMKitAutoOptimize", "auto_flux": "VRAMKitAutoOptimize", "auto_wan": "VRAMKitAutoOptimize",
+         "load_quantized": "VRAMKitLoadQuantized", "save_quantized": "VRAMKitSaveQuantized"}
 
 
 def test_every_node_has_a_workflow():
@@ -88,7 +89,8 @@ def test_api_twin_runs(server, name):
     texts = {key: out.get("text", [""])[0] for key, out in outputs.items()}
     node_key = next(key for key, node in api.items() if node["class_type"] == SHOWS[name])
     expected = {"quantize": "Quantized", "offload": "budget 6.00 GB", "precision": "Precision:",
-                "free_after": "Freed after use", "attention": "Attention: VRAMKit chunked"}
+                "free_after": "Freed after use", "attention": "Attention: VRAMKit chunked",
+                "load_quantized": "Cache ", "save_quantized": "Quantized"}
     if name in expected:
         assert expected[name] in texts[node_key]
     if name == "measure":

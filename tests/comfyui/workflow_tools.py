@@ -24,6 +24,8 @@ from comfy_server import MODEL_FILES as TINY_FILES
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 #: Combos listing files in the models folders; the test server has other files, so they are not checked.
+#: Nodes that load a file of the diffusion_models folder by its `unet_name`.
+UNET_LOADERS = ("UNETLoader", "VRAMKitLoadQuantized")
 FILE_INPUTS = {"unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "lora_name", "ckpt_name"}
 
 
@@ -145,7 +147,7 @@ def strip_meta(api: dict[str, Any]) -> dict[str, Any]:
 
 def family(api: dict[str, Any]) -> str:
     """The tiny model standing in: the DiT for Flux- and Wan-style workflows, the UNet otherwise."""
-    names = [n["inputs"].get("unet_name", "") for n in api.values() if n["class_type"] == "UNETLoader"]
+    names = [n["inputs"].get("unet_name", "") for n in api.values() if n["class_type"] in UNET_LOADERS]
     return "flux" if any(k in name.lower() for name in names for k in ("flux", "wan")) else "sd15"
 
 
@@ -163,7 +165,7 @@ def tinyfy(api: dict[str, Any]) -> dict[str, Any]:
                 if cls not in ("VRAMKitFreeAfter", "VRAMKitAutoOptimize"):
                     raise ValueError(f"node {key} ({cls}) needs the text encoder through {name}")
                 del inputs[name]  # an optional input of the free-after node
-        if cls == "UNETLoader":
+        if cls in UNET_LOADERS:
             inputs["unet_name"] = TINY_FILES[kind]
         elif cls == "LoraLoaderModelOnly":
             inputs["lora_name"] = TINY_LORAS[kind]

@@ -25,6 +25,11 @@ def _bench(args: argparse.Namespace) -> int:
         from .bench.quant import run as run_quant
 
         print(run_quant(elements=args.elements, repeats=args.repeats))
+    elif args.what == "io":
+        from .bench.io import run as run_io
+
+        print(run_io(size_gb=args.size_gb, folder=args.dir, format=args.format, granularity=args.granularity,
+                     keep=args.keep))
     else:
         from .bench.attention import run as run_attention
 
@@ -117,6 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
                            help="timed runs per kernel; the median is shown")
     attention.add_argument("--quick", action="store_true", help="the smaller shapes only")
     attention.set_defaults(func=_bench)
+    io = kernels.add_parser(
+        "io", formatter_class=_Help, help="quantizing a generated safetensors file, against safetensors + torch",
+        description="Generates a DiT-shaped bf16 safetensors file and quantizes it with `vramkit quantize` and "
+        "with safetensors + torch (load_file, and safe_open tensor by tensor), each in its own process; prints "
+        "the wall time and peak RSS of each and the ratios.")
+    io.add_argument("--size-gb", type=float, default=4.0, help="size of the generated bf16 file")
+    io.add_argument("--dir", default=None, help="folder for the generated files (default: a temporary one)")
+    io.add_argument("--format", choices=["int8", "fp8_e4m3fn", "fp8_e5m2"], default="int8", help="code format")
+    io.add_argument("--granularity", choices=["tensor", "channel"], default="channel", help="weights per scale")
+    io.add_argument("--keep", action="store_true", help="keep the generated files (in --dir)")
+    io.set_defaults(func=_bench)
+
+    from . import inspect as inspect_verb
+    from . import quantize as quantize_verb
+
+    quantize_verb.add_parser(verbs)
+    inspect_verb.add_parser(verbs)
 
     install = verbs.add_parser(
         "install-comfyui", formatter_class=_Help,
@@ -143,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         logging.getLogger("vramkit").error("%s", exc)
         return 2
 

@@ -416,3 +416,66 @@ def vbar_slot_bytes(t: Any, dtype: torch.dtype | None) -> int:
         return int(mem.vram_aligned_size(t))
     geometry = mem.TensorGeometry(shape=t.shape, dtype=dtype or t.dtype)
     return int(mem.vram_aligned_size(geometry))
+
+def native_quant_formats() -> frozenset[str]:
+    """The ``comfy_quant`` marker formats this ComfyUI's stock loader reads (``QUANT_ALGOS``): ``float8_e4m3fn``
+    on 0.3.7x (header form only); fp8, ``int8_tensorwise`` (with ConvRot) and more on 0.29+."""
+    try:
+        quant_ops = importlib.import_module("comfy.quant_ops")
+    except ImportError:
+        return frozenset()
+    return frozenset(getattr(quant_ops, "QUANT_ALGOS", {}) or {})
+
+
+def reads_convrot() -> bool:
+    """Whether this ComfyUI undoes a ConvRot rotation (``"convrot": true`` on ``int8_tensorwise``; 0.29+)."""
+    return "int8_tensorwise" in native_quant_formats()
+
+
+def operations_base() -> type:
+    """ComfyUI's op set that casts weights to the input's dtype at each call (``comfy.ops.manual_cast``),
+    the base of custom operations handed to the loader as ``model_options["custom_operations"]``."""
+    return importlib.import_module("comfy.ops").manual_cast  # type: ignore[no-any-return]
+
+
+def load_diffusion_model(path: str, model_options: dict[str, Any]) -> Any:
+    """A MODEL from a diffusion-model file through ComfyUI's own loader (what UNETLoader calls)."""
+    return importlib.import_module("comfy.sd").load_diffusion_model(path, model_options=model_options)
+
+
+def diffusion_model_files() -> list[str]:
+    return importlib.import_module("folder_paths").get_filename_list("diffusion_models")  # type: ignore[no-any-return]
+
+
+def diffusion_model_path(name: str) -> str:
+    return importlib.import_module("folder_paths").get_full_path_or_raise("diffusion_models", name)  # type: ignore[no-any-return]
+
+
+def models_directory() -> str:
+    return importlib.import_module("folder_paths").models_dir  # type: ignore[no-any-return]
+
+
+def temp_directory() -> str:
+    return importlib.import_module("folder_paths").get_temp_directory()  # type: ignore[no-any-return]
+
+
+def output_save_path(filename_prefix: str) -> tuple[str, str, int]:
+    """(folder, file name stem, counter) for a new output file, as ComfyUI's save nodes number them."""
+    folder_paths = importlib.import_module("folder_paths")
+    folder, stem, counter, _, _ = folder_paths.get_save_image_path(filename_prefix,
+                                                                   folder_paths.get_output_directory())
+    return folder, stem, counter
+
+
+def throw_if_interrupted() -> None:
+    """Raises ComfyUI's interruption exception when the user pressed Cancel (outside ComfyUI: nothing)."""
+    try:
+        mm = importlib.import_module("comfy.model_management")
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+def patch_weights_for_saving(patcher: Any) -> None:
+    """Loads `patcher` with its weight patches (LoRA) merged into the weights, as ComfyUI's ModelSave does."""
+    importlib.import_module("comfy.model_management").load_models_gpu([patcher], force_patch_weights=True)

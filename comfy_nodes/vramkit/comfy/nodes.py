@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import quant
+from ..quant import selection
 from . import (
     attention_modes,
     auto,
@@ -20,8 +21,8 @@ from . import (
     precision,
     quantize_model,
     quantized_ops,
-    selection,
 )
+from .file_nodes import VRAMKitLoadQuantized, VRAMKitSaveQuantized
 
 CATEGORY = "VRAMKit"
 
@@ -335,6 +336,8 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     "VRAMKitMeasure": VRAMKitMeasure,
     "VRAMKitReport": VRAMKitReport,
     "VRAMKitAutoOptimize": VRAMKitAutoOptimize,
+    "VRAMKitLoadQuantized": VRAMKitLoadQuantized,
+    "VRAMKitSaveQuantized": VRAMKitSaveQuantized,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitQuantize": "Quantize weights (FP8/INT8)",
@@ -345,4 +348,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "VRAMKitMeasure": "Measure VRAM",
     "VRAMKitReport": "VRAM report",
     "VRAMKitAutoOptimize": "Auto-optimize for my VRAM",
+    "VRAMKitLoadQuantized": "Load diffusion model (quantize on load)",
+    "VRAMKitSaveQuantized": "Save quantized model",
 }

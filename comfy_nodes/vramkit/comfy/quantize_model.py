@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .. import quant
-from . import compat, dtypes, layouts, patch, quantized_ops, selection
+from ..quant import selection
+from . import compat, dtypes, layouts, patch, quantized_ops
 from .display import format_bytes
 
 log = logging.getLogger("vramkit.comfy")

@@ -117,6 +117,20 @@ def quantized_copy(original: torch.nn.Module, q: quant.QTensor, scheme: Scheme,
     return new
 
 
+def make_quantized_in_place(module: torch.nn.Module, q: quant.QTensor, scheme: Scheme) -> None:
+    """Turns `module`, a layer being built by ComfyUI's loader (owned by no other model, so no clone or patch
+    is involved), into the same quantized stand-in `quantized_copy` makes, holding `q`."""
+    if scheme.route == "comfy":
+        module.__class__ = _stand_in_class(_ComfyQuantizedOp, type(module))
+        module.weight = _as_param(layouts.comfy_weight(q, scheme.dtype))
+    else:
+        assert q.scale is not None
+        module.__class__ = _stand_in_class(_OwnQuantizedOp, type(module))
+        module.weight = _as_param(layouts.storage_codes(q))
+        module.register_buffer("weight_scale", q.scale)
+    module._vramkit_scheme = scheme  # type: ignore[assignment]
+
+
 @functools.cache
 def _stand_in_class(mixin: type, base: type) -> type:
     return type(f"VRAMKitQuantized{base.__name__}", (mixin, base), {"__module__": __name__})

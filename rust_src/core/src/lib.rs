@@ -3,11 +3,13 @@
 //! `vramkit._core`.
 //!
 //! Module dependencies run one way: `error`, `alloc`, `simd` <- `quant` (element types, kernels) <-
-//! `attention` (kernel, engines, blocks) <- `plan` (budget planners).
+//! `attention` (kernel, engines, blocks) <- `plan` (budget planners); `io` (safetensors files streamed
+//! through the quantizers) uses `quant` only.
 
 pub mod alloc;
 pub mod attention;
 pub mod error;
+pub mod io;
 pub mod plan;
 pub mod quant;
 pub mod simd;

@@ -5,6 +5,7 @@ mod arrays;
 mod attention;
 mod bench;
 mod guard;
+mod io;
 mod plan;
 mod plan_fit;
 mod quant;
@@ -23,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(simd_level, m)?)?;
         quant::register(m)?;
         attention::register(m)?;
+        io::register(m)?;
         plan::register(m)?;
         plan_fit::register(m)?;
         bench::register(m)?;

@@ -95,6 +95,44 @@ pub fn quantize<T: Element>(
         .try_for_each(|(task, ((d, x), s))| quantize_task(fmt, x, block_len, d, s, task * task_len))
 }
 
+/// The largest |x| of `src` as f32 bits (NaN and infinity compare above every finite value), on all cores.
+/// With `block_scale` and `encode_with_scale` it splits `quantize` of one block into passes, for callers
+/// that stream a block too large to hold (the safetensors writer): the result is bit for bit the same.
+pub fn amax_of<T: Element>(src: &[T]) -> u32 {
+    src.par_chunks(TASK_ELEMS).map(amax).max().unwrap_or(0)
+}
+
+/// The scale of a block whose largest |x| has the bits `amax` (from `amax_of`), or the error naming the
+/// first non-finite element of `block`, reported at flat index `offset + i`.
+pub fn block_scale<T: Element>(
+    fmt: Format,
+    amax: u32,
+    block: &[T],
+    offset: usize,
+) -> CoreResult<f32> {
+    scale_for(fmt, amax, block, offset)
+}
+
+/// Encodes `src` with one given `scale` (as `quantize` does once it has the block's scale), on all cores.
+pub fn encode_with_scale<T: Element>(
+    fmt: Format,
+    src: &[T],
+    scale: f32,
+    codes: &mut [u8],
+) -> CoreResult<()> {
+    check_same_len("the code output", codes.len(), src.len())?;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(CoreError::Value(format!(
+            "a scale must be finite and positive, got {scale}"
+        )));
+    }
+    codes
+        .par_chunks_mut(TASK_ELEMS)
+        .zip(src.par_chunks(TASK_ELEMS))
+        .for_each(|(d, x)| encode(fmt, x, scale, d));
+    Ok(())
+}
+
 multiversion!(fn amax<T: Element>(x: &[T]) -> u32 => amax_bits);
 multiversion!(fn cast<T: Element>(fmt: Format, finite: u8, inf: u8, x: &[T], dst: &mut [u8]) => cast_codes);
 multiversion!(fn encode<T: Element>(fmt: Format, x: &[T], scale: f32, dst: &mut [u8]) => scale_codes);
@@ -304,6 +342,49 @@ pub struct ErrorStats {
     pub snr_db: f64,
 }
 
+/// The running sums behind `ErrorStats`, so that the statistics of a tensor processed in parts can be
+/// merged exactly (`error_sums` of each part, `merge`, then `finish`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ErrorSums {
+    /// Largest |dequantized - original| (NaN when an error is NaN).
+    pub max_abs: f64,
+    /// Sum of squared errors.
+    pub sum_err2: f64,
+    /// Sum of squared originals.
+    pub sum_ref2: f64,
+    /// Elements counted.
+    pub count: u64,
+}
+
+impl ErrorSums {
+    pub fn merge(self, other: Self) -> Self {
+        let [max_abs, sum_err2, sum_ref2] = merge_stats(
+            [self.max_abs, self.sum_err2, self.sum_ref2],
+            [other.max_abs, other.sum_err2, other.sum_ref2],
+        );
+        Self {
+            max_abs,
+            sum_err2,
+            sum_ref2,
+            count: self.count + other.count,
+        }
+    }
+
+    /// The statistics of everything merged so far (rmse 0 and snr inf when nothing was counted).
+    pub fn finish(self) -> ErrorStats {
+        let snr_db = if self.sum_err2 == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (self.sum_ref2 / self.sum_err2).log10()
+        };
+        ErrorStats {
+            max_abs: self.max_abs,
+            rmse: (self.sum_err2 / self.count.max(1) as f64).sqrt(),
+            snr_db,
+        }
+    }
+}
+
 /// Compares `src` with the dequantized codes (in f32, as `dequantize(torch.float32)`), in one pass.
 pub fn error_stats<T: Element>(
     fmt: Format,
@@ -312,6 +393,17 @@ pub fn error_stats<T: Element>(
     scales: Option<&[f32]>,
     block_len: usize,
 ) -> CoreResult<ErrorStats> {
+    Ok(error_sums(fmt, src, codes, scales, block_len)?.finish())
+}
+
+/// The sums `error_stats` is computed from (see `ErrorSums`).
+pub fn error_sums<T: Element>(
+    fmt: Format,
+    src: &[T],
+    codes: &[u8],
+    scales: Option<&[f32]>,
+    block_len: usize,
+) -> CoreResult<ErrorSums> {
     check_nonempty(src.len())?;
     check_same_len("the codes", codes.len(), src.len())?;
     let (scales, block_len) = resolve_scales(fmt, codes.len(), scales, block_len)?;
@@ -330,19 +422,15 @@ pub fn error_stats<T: Element>(
         acc
     };
     let n = src.len();
-    let [max_abs, sum_err, sum_ref] = (0..n.div_ceil(TASK_ELEMS))
+    let [max_abs, sum_err2, sum_ref2] = (0..n.div_ceil(TASK_ELEMS))
         .into_par_iter()
         .map(|t| segment(t * TASK_ELEMS, ((t + 1) * TASK_ELEMS).min(n)))
         .reduce(|| [0.0; 3], merge_stats);
-    let snr_db = if sum_err == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (sum_ref / sum_err).log10()
-    };
-    Ok(ErrorStats {
+    Ok(ErrorSums {
         max_abs,
-        rmse: (sum_err / n as f64).sqrt(),
-        snr_db,
+        sum_err2,
+        sum_ref2,
+        count: n as u64,
     })
 }
 

@@ -17,12 +17,16 @@
 
 pub mod convert;
 pub mod element;
+pub mod hadamard;
 mod kernels;
 mod parallel;
 mod rule;
 
 pub use element::{Element, FloatType, OutElement};
-pub use kernels::{dequantize, error_stats, fp8_cast, quantize, ErrorStats};
+pub use kernels::{
+    amax_of, block_scale, dequantize, encode_with_scale, error_stats, error_sums, fp8_cast,
+    quantize, ErrorStats, ErrorSums,
+};
 pub use parallel::TASK_ELEMS;
 pub use rule::{CastRule, Overflow};
 

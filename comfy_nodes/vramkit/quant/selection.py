@@ -117,3 +117,30 @@ def skip_reasons(names: Sequence[str], rules: SkipRules, list_names: Iterable[st
 def unmatched_globs(names: Sequence[str], rules: SkipRules) -> list[str]:
     """Globs that match none of `names` (worth a note: a typo, or a pattern for another model family)."""
     return [g for g in rules.globs if not any(fnmatch.fnmatchcase(n, g) for n in names)]
+
+
+#: Where a file gives no model order (a safetensors header lists names only), ``<first>`` and ``<last>`` mean
+#: these stem and head units of the diffusion model families ComfyUI loads (Flux, Chroma, HunyuanVideo, Qwen
+#: Image: ``img_in``; DiT, SD3, Lumina, HiDream: ``x_embedder``; Wan: ``patch_embedding`` / ``head``; UNets:
+#: ``input_blocks.0`` / ``out``).
+STEM_UNITS = ("img_in", "x_embedder", "patch_embed", "patch_embedding", "conv_in", "input_blocks.0")
+HEAD_UNITS = ("final_layer", "proj_out", "norm_out", "head", "out", "conv_out", "final_linear")
+
+
+def skip_reasons_by_name(names: Sequence[str], rules: SkipRules) -> dict[str, str]:
+    """`skip_reasons` for layers known by name only (a checkpoint file): globs as there; ``<first>`` and
+    ``<last>`` keep the layers of the units in `STEM_UNITS` and `HEAD_UNITS` that no glob matched."""
+    reasons: dict[str, str] = {}
+    for name in names:
+        for glob in rules.globs:
+            if fnmatch.fnmatchcase(name, glob):
+                reasons[name] = glob
+                break
+    for name in names:
+        if name in reasons:
+            continue
+        if rules.keep_first and any(_in_unit(name, u) for u in STEM_UNITS):
+            reasons[name] = FIRST
+        elif rules.keep_last and any(_in_unit(name, u) for u in HEAD_UNITS):
+            reasons[name] = LAST
+    return reasons
