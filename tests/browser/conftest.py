@@ -183,6 +183,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         # No first-run templates dialog over the canvas, no minimap over the nodes in the screenshots.
         running.set_setting("Comfy.TutorialCompleted", True)
         running.set_setting("Comfy.Minimap.Visible", False)
+        # The overview screenshot fits the whole graph: draw titles and widgets even when zoomed out.
+        running.set_setting("LiteGraph.Canvas.MinFontSizeForLOD", 1)
         yield running
     finally:
         running.stop()
