@@ -137,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import inspect as inspect_verb
     from . import quantize as quantize_verb
 
-    quantize_verb.add_parser(verbs)
-    inspect_verb.add_parser(verbs)
+    quantize_verb.register(verbs)
+    inspect_verb.register(verbs)
 
     install = verbs.add_parser(
         "install-comfyui", formatter_class=_Help,

@@ -6,9 +6,9 @@ import argparse
 import json
 
 
-def add_parser(verbs: argparse._SubParsersAction) -> None:
+def register(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = verbs.add_parser(
-        "inspect",
+        "inspect", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="profile a safetensors file: tensors by block, dtypes, quantization markers, bytes per block",
         description="Reads and validates a safetensors header (no tensor data) and prints the file's profile: "
         "dtypes, quantization markers and which loaders read them, and bytes per block. --json prints the "

@@ -12,9 +12,9 @@ GRANULARITIES = ("tensor", "channel", "group")
 DEFAULT_GROUP_SIZE = 64
 
 
-def add_parser(verbs: argparse._SubParsersAction) -> None:
+def register(verbs: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = verbs.add_parser(
-        "quantize",
+        "quantize", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="quantize a safetensors model into a new file (streamed: memory stays near one tensor)",
         description="Quantizes the Linear weights of a safetensors diffusion model (or checkpoint) into a new "
         "file, streamed through the Rust core on all cores. fp8 per tensor and int8 per tensor/channel use "
@@ -25,22 +25,22 @@ def add_parser(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="the safetensors file to read")
     p.add_argument("output", help="the file to write (refused if it is the input)")
-    p.add_argument("--format", choices=FORMATS, default="int8", help="code format (default int8)")
+    p.add_argument("--format", choices=FORMATS, default="int8", help="code format")
     p.add_argument("--granularity", choices=GRANULARITIES, default="channel",
                    help="weights per scale: the whole tensor, one output channel (row), or a group of "
-                        "--group-size weights of a row (default channel)")
+                        "--group-size weights of a row")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                   help=f"weights per scale with --granularity group (default {DEFAULT_GROUP_SIZE})")
+                   help="weights per scale with --granularity group")
     p.add_argument("--skip", default=None,
                    help="layers to keep as they are: comma-separated globs on layer names (e.g. "
-                        "'double_blocks.0.*'), <first> and <last> (the stem and head), or 'none' (default: the "
-                        "Quantize node's: '*norm*, *emb*, time_in.*, vector_in.*, guidance_in.*, <first>, <last>')")
+                        "'double_blocks.0.*'), <first> and <last> (the stem and head), or 'none'; None means the "
+                        "Quantize node's: '*norm*, *emb*, time_in.*, vector_in.*, guidance_in.*, <first>, <last>'")
     p.add_argument("--rotate", action="store_true",
                    help="ConvRot: rotate each 256-wide group of inputs by comfy-kitchen's block Hadamard before "
                         "int8 per-channel quantization (ComfyUI 0.29+ reads it; needs --format int8 "
                         "--granularity channel)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--worst", type=int, default=10, help="how many of the worst layers to list (default 10)")
+    p.add_argument("--worst", type=int, default=10, help="how many of the worst layers to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -19,6 +19,7 @@ if one changes meaning::
         "layers": {layer: marker},      # marker JSON objects, layer names without the model prefix
         "loadable_by_stock": bool,      # every marker is one ComfyUI 0.29+ knows
       },
+      "tensors": {name: {"dtype": str, "shape": [int], "bytes": int, "block": str}},   # every tensor
       "blocks": [                       # in natural order (double_blocks.2 before double_blocks.10)
         {"name": str,                   # first name component, plus the index when it is a block list
          "tensors": int, "bytes": int, "params": int,
@@ -123,6 +124,7 @@ def inspect_file(path: str | PathLike[str]) -> dict[str, Any]:
     quantized_per_block: Counter[str] = Counter()
     for layer in layers:
         quantized_per_block[block_of(layer)] += 1
+    listing: dict[str, dict[str, Any]] = {}
     for t in tensors:
         nbytes = t["end"] - t["start"]
         params = _numel(t["shape"])
@@ -141,6 +143,8 @@ def inspect_file(path: str | PathLike[str]) -> dict[str, Any]:
         if not (t["name"].endswith(formats.MARKER_SUFFIX) or t["name"].endswith(formats.SCALE_SUFFIX)):
             block["params"] += params
         block["dtypes"][t["dtype"]] = block["dtypes"].get(t["dtype"], 0) + nbytes
+        listing[t["name"]] = {"dtype": t["dtype"], "shape": list(t["shape"]), "bytes": nbytes,
+                              "block": block["name"]}
     for name, block in blocks.items():
         block["quantized_layers"] = quantized_per_block.get(name, 0)
 
@@ -167,6 +171,7 @@ def inspect_file(path: str | PathLike[str]) -> dict[str, Any]:
             "layers": dict(sorted(layers.items(), key=lambda kv: natural_key(kv[0]))),
             "loadable_by_stock": all(f in _COMFY_FORMATS for f in format_counts),
         },
+        "tensors": listing,
         "blocks": sorted(blocks.values(), key=lambda b: natural_key(b["name"])),
         "metadata": metadata,
     }

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _core
+from ..io import inspect_file
 
 # Bytes per element of each safetensors dtype.
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -35,7 +35,6 @@ _TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.", "text_encoders.")
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
 _BLOCK = re.compile(r"^(double_blocks|single_blocks|transformer_blocks|blocks|layers|input_blocks|output_blocks)"
                     r"\.(\d+)\.")
-_MAX_HEADER = 100 * 2**20
 
 
 def builtin_names() -> list[str]:
@@ -80,40 +79,10 @@ class TensorInfo:
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """The tensors of a safetensors file from its header alone (8-byte little-endian length, then JSON).
-
-    A deliberately tiny reader: when `vramkit.io` (the Rust safetensors IO) is available its inspector is
-    used instead. ValueError for a file that is not safetensors."""
-    try:
-        from ..io import inspect_file  # type: ignore[attr-defined]
-    except ImportError:
-        inspect_file = None
-    if inspect_file is not None:  # pragma: no cover - depends on vramkit.io landing
-        info = inspect_file(path)
-        tensors = getattr(info, "tensors", info)
-        return {name: TensorInfo(str(t["dtype"]), tuple(t["shape"])) for name, t in dict(tensors).items()}
-    p = Path(path)
-    with p.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{p} is not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", raw)
-        if n == 0 or n > _MAX_HEADER or n > p.stat().st_size - 8:
-            raise ValueError(f"{p} is not a safetensors file (header length {n} does not fit the file)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{p} is not a safetensors file (header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{p} is not a safetensors file (header is not a JSON object)")
-    out = {}
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(t, dict) or "dtype" not in t or "shape" not in t:
-            raise ValueError(f"{p}: header entry {name!r} has no dtype/shape")
-        out[name] = TensorInfo(str(t["dtype"]), tuple(int(s) for s in t["shape"]))
-    return out
+    """The tensors of a safetensors file from its header alone (`vramkit.io.inspect_file`: the Rust reader,
+    which validates sizes and offsets). ValueError for a file that is not safetensors, or a damaged one."""
+    return {name: TensorInfo(str(t["dtype"]), tuple(t["shape"]))
+            for name, t in inspect_file(path)["tensors"].items()}
 
 
 def _strip(names: Mapping[str, TensorInfo]) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo],

@@ -17,7 +17,7 @@ pub enum IoError {
     },
     /// The file is not a valid safetensors file (truncated, a header that lies about sizes or offsets,
     /// overlapping tensors, an unknown dtype, ...): Python `ValueError`.
-    #[error("{path}: not a valid safetensors file: {detail}")]
+    #[error("{path}: not a safetensors file, or a damaged one: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     /// An argument or option that is not accepted (Python `ValueError`).
     #[error("{0}")]
