@@ -14,7 +14,8 @@ from vramkit.comfy import attention_modes, measure, nodes, precision
 from vramkit.comfy import budget as streaming
 
 NODE_IDS = ["VRAMKitQuantize", "VRAMKitAttention", "VRAMKitOffload", "VRAMKitPrecision", "VRAMKitFreeAfter",
-            "VRAMKitMeasure", "VRAMKitReport", "VRAMKitAutoOptimize"]
+            "VRAMKitMeasure", "VRAMKitReport", "VRAMKitAutoOptimize", "VRAMKitLoadQuantized",
+            "VRAMKitSaveQuantized"]
 
 
 def test_node_declarations():
