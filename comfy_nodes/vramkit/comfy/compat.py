@@ -444,7 +444,13 @@ def load_diffusion_model(path: str, model_options: dict[str, Any]) -> Any:
 
 
 def diffusion_model_files() -> list[str]:
-    return importlib.import_module("folder_paths").get_filename_list("diffusion_models")  # type: ignore[no-any-return]
+    """The files in ComfyUI's ``diffusion_models`` folders; none outside ComfyUI (node declarations are read
+    there too, e.g. by tests and tools, and must not fail)."""
+    try:
+        folder_paths = importlib.import_module("folder_paths")
+    except ModuleNotFoundError:
+        return []
+    return folder_paths.get_filename_list("diffusion_models")  # type: ignore[no-any-return]
 
 
 def diffusion_model_path(name: str) -> str:
